@@ -15,7 +15,7 @@ VENV="${VENV:-.venv}"
 EXTRAS="${EXTRAS:-dev,wandb,gpu,hf}"
 STAMP="$VENV/.tdiag-installed"
 
-if [ -f "$STAMP" ] && [ "$STAMP" -nt pyproject.toml ] && [ "$VENV/bin/python" -nt /dev/null ] \
+if [ -f "$STAMP" ] && [ "$STAMP" -nt pyproject.toml ] && [ -x "$VENV/bin/python" ] \
    && [ "$(cat "$STAMP")" = "$EXTRAS" ]; then
   exit 0
 fi
@@ -25,22 +25,30 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+pip_install() {  # pip, minus the noise of this machine's unused local index entries
+  local log rc=0
+  log=$(mktemp)
+  "${PIP[@]}" install "$@" >"$log" 2>&1 || rc=$?
+  grep -v "^WARNING: Location" "$log" >&2 || true
+  rm -f "$log"
+  return "$rc"
+}
 
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   if [ -n "${TORCH_SPEC:-}" ]; then
     echo ">> installing $TORCH_SPEC"
-    "${PIP[@]}" install "$TORCH_SPEC"
+    pip_install "$TORCH_SPEC"
   elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     echo ">> GPU found: installing torch with pip's default (CUDA) build"
-    "${PIP[@]}" install "torch>=2.2"
+    pip_install "torch>=2.2"
   else
     spec="${TORCH_CPU_SPEC:-torch==2.13.0}"
     echo ">> no GPU: installing the CPU build of PyTorch ($spec)"
-    "${PIP[@]}" install "$spec"
+    pip_install "$spec"
   fi
 fi
 
 echo ">> installing tdiag[$EXTRAS] (editable)"
-"${PIP[@]}" install -e ".[$EXTRAS]" 2>&1 | grep -v "^WARNING: Location" || true
+pip_install -e ".[$EXTRAS]"
 "$VENV/bin/python" -c "import tdiag, torch; print('>> tdiag', tdiag.__version__, 'torch', torch.__version__)"
 echo "$EXTRAS" > "$STAMP"
