@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 
 PYTHON="${PYTHON:-python3}"
 VENV="${VENV:-.venv}"
-EXTRAS="${EXTRAS:-dev,wandb,gpu,hf}"
+EXTRAS="${EXTRAS:-dev,wandb,gpu,hf,lightning}"
 STAMP="$VENV/.tdiag-installed"
 
 if [ -f "$STAMP" ] && [ "$STAMP" -nt pyproject.toml ] && [ -x "$VENV/bin/python" ] \

@@ -40,10 +40,16 @@ def _root(
 @app.command()
 def check(
     target: str = typer.Argument(..., help="PATH.py[:FACTORY] — the user's model file."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of the rich report."),
+    json_out: bool = typer.Option(
+        False, "--json", help="Print one JSON object instead of the rich report."
+    ),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
-    batch_size: int | None = typer.Option(None, "--batch-size", help="Batch size of random batches."),
-    seq_len: int | None = typer.Option(None, "--seq-len", help="Sequence length of random batches."),
+    batch_size: int | None = typer.Option(
+        None, "--batch-size", help="Batch size of random batches."
+    ),
+    seq_len: int | None = typer.Option(
+        None, "--seq-len", help="Sequence length of random batches."
+    ),
     only: str | None = typer.Option(None, "--only", help="Comma-separated check ids to run."),
     skip: str | None = typer.Option(None, "--skip", help="Comma-separated check ids to skip."),
     seed: int = typer.Option(0, "--seed", help="Random seed (repeatable results)."),
@@ -72,8 +78,12 @@ def check(
 def report(
     run_dir: Path = typer.Argument(..., help="A run folder (or a history.jsonl)."),
     json_out: bool = typer.Option(False, "--json", help="Print report.json to stdout."),
-    out: Path | None = typer.Option(None, "--out", help="Where to write report.json/html (default: RUN_DIR)."),
-    fail_on: str | None = typer.Option(None, "--fail-on", help="error or warning: exit 1 when met."),
+    out: Path | None = typer.Option(
+        None, "--out", help="Where to write report.json/html (default: RUN_DIR)."
+    ),
+    fail_on: str | None = typer.Option(
+        None, "--fail-on", help="error or warning: exit 1 when met."
+    ),
 ) -> None:
     """Turn a run's history into report.json and a self-contained report.html."""
     from tdiag.report import report_command
@@ -84,7 +94,9 @@ def report(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("reports/demo"), "--out", help="Run folder to write."),
-    steps: int | None = typer.Option(None, "--steps", help="Training steps (default: about two minutes on a CPU)."),
+    steps: int | None = typer.Option(
+        None, "--steps", help="Training steps (default: about two minutes on a CPU)."
+    ),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     quiet: bool = typer.Option(False, "--quiet", help="No live console."),
 ) -> None:

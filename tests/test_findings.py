@@ -27,7 +27,9 @@ def test_finding_round_trip_with_nonfinite_evidence():
     assert back.where == f.where and back.step == 120
 
 
-@pytest.mark.parametrize("bad", [{"id": "x y", "severity": "error"}, {"id": "a", "severity": "fatal"}])
+@pytest.mark.parametrize(
+    "bad", [{"id": "x y", "severity": "error"}, {"id": "a", "severity": "fatal"}]
+)
 def test_finding_rejects_bad_values(bad):
     with pytest.raises(ValueError, match="id|severity"):
         Finding(title="t", **bad)

@@ -39,7 +39,7 @@ def test_reader_tolerates_bare_tokens_garbage_and_torn_line(tmp_path):
         '{"step": 0, "train/loss": NaN}\n'
         "garbage here\n"
         "\n"
-        '[1, 2]\n'
+        "[1, 2]\n"
         '{"train/loss": 1}\n'
         '{"step": 1, "train/loss": Infinity, "note": "hi"}\n'
         '{"step": 2, "train/lo'

@@ -1,0 +1,109 @@
+"""Lightning adapter: the Monitor as a ``lightning.pytorch.Callback``.
+
+    from tdiag.integrations.lightning import TdiagLightningCallback
+    trainer = L.Trainer(..., callbacks=[TdiagLightningCallback(run_dir="reports/pl")])
+
+The training step's returned loss (a tensor, or ``{"loss": tensor}``) is passed to the
+Monitor once per optimizer step (micro-batches of gradient accumulation are averaged on
+the device); ``val_loss`` / ``val/loss`` from ``trainer.callback_metrics`` goes to
+``val/loss``. After SIGTERM/SIGINT it sets ``trainer.should_stop``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+try:
+    from lightning.pytorch import Callback
+except ImportError:  # pragma: no cover - depends on which Lightning is installed
+    try:
+        from pytorch_lightning import Callback
+    except ImportError as exc:
+        raise ImportError(
+            "tdiag.integrations.lightning needs Lightning: pip install 'tdiag[lightning]'"
+        ) from exc
+
+__all__ = ["TdiagLightningCallback"]
+
+_VAL_KEYS = ("val/loss", "val_loss", "validation_loss")
+
+
+def _loss_from(outputs: Any) -> torch.Tensor | None:
+    if isinstance(outputs, dict):
+        outputs = outputs.get("loss")
+    return outputs.detach() if isinstance(outputs, torch.Tensor) else None
+
+
+def _tokens_from(batch: Any) -> int:
+    if isinstance(batch, dict):
+        batch = batch.get("input_ids")
+    elif isinstance(batch, tuple | list) and batch:
+        batch = batch[0]
+    return int(batch.numel()) if isinstance(batch, torch.Tensor) else 0
+
+
+class TdiagLightningCallback(Callback):
+    """Run a :class:`tdiag.Monitor` inside a Lightning Trainer (rank 0 writes)."""
+
+    def __init__(
+        self, run_dir: str = "reports/lightning", log_every: int = 10, **monitor_options: Any
+    ):
+        super().__init__()
+        self.run_dir, self.log_every, self.monitor_options = run_dir, log_every, monitor_options
+        self.monitor: Any = None
+        self._losses: list[torch.Tensor] = []
+        self._tokens = 0
+        self._last_global_step = 0
+
+    def on_train_start(self, trainer, pl_module):
+        from tdiag import Monitor
+
+        optimizers = trainer.optimizers
+        options = {
+            "console": False,
+            "total_steps": trainer.max_steps if trainer.max_steps > 0 else None,
+        }
+        options.update(self.monitor_options)
+        hparams = dict(getattr(pl_module, "hparams", {}) or {})
+        self.monitor = Monitor(
+            pl_module,
+            optimizer=optimizers[0] if optimizers else None,
+            run_dir=self.run_dir,
+            log_every=self.log_every,
+            config=hparams,
+            **options,
+        )
+        self._last_global_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.monitor is None:
+            return
+        loss = _loss_from(outputs)
+        if loss is not None:
+            self._losses.append(loss)
+        self._tokens += _tokens_from(batch)
+        if trainer.global_step == self._last_global_step:
+            return  # still accumulating micro-batches
+        self._last_global_step = trainer.global_step
+        # Lightning hands on_train_batch_end the loss divided by accumulate_grad_batches
+        # (what it back-propagates), so the optimizer step's loss is the sum.
+        loss_sum = torch.stack(self._losses).sum() if self._losses else None
+        self.monitor.step(loss_sum, tokens=self._tokens or None)
+        self._losses, self._tokens = [], 0
+        if self.monitor.stop_requested:
+            trainer.should_stop = True
+
+    def on_validation_end(self, trainer, pl_module):
+        if self.monitor is None or trainer.sanity_checking:
+            return
+        for key in _VAL_KEYS:
+            value = trainer.callback_metrics.get(key)
+            if value is not None:
+                self.monitor.log({"val/loss": float(value)}, step=trainer.global_step)  # host sync
+                break
+
+    def on_train_end(self, trainer, pl_module):
+        if self.monitor is not None:
+            self.monitor.close()
