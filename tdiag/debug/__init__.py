@@ -1,0 +1,28 @@
+"""The debugger: ``tdiag check model.py`` runs registered checks on a model before training.
+
+Importing this package registers every check family (one module per family). The families
+of team B2 are imported when present so that the package works while they are written.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+from tdiag.debug.context import CheckContext
+from tdiag.debug.registry import CHECKS, CheckSpec, SkipCheck, register_check
+
+__all__ = ["CHECKS", "CheckContext", "CheckSpec", "SkipCheck", "register_check"]
+
+logger = logging.getLogger(__name__)
+
+_FAMILIES = ("data", "init", "numerics", "gradients", "structure", "attention", "sanity")
+
+for _family in _FAMILIES:
+    try:
+        importlib.import_module(f"tdiag.debug.{_family}")
+    except ModuleNotFoundError as _exc:
+        # only a family module that does not exist (yet) is tolerated, not a broken import inside it
+        if _exc.name != f"tdiag.debug.{_family}":
+            raise
+        logger.debug("check family %s not available", _family)

@@ -1,0 +1,166 @@
+"""report.html: one self-contained page (inline CSS and SVG; no script, font or URL).
+
+Rendered with jinja2 with autoescaping on: every string that comes from the run (names,
+config values, finding text) is escaped; only the SVG markup matplotlib produced is
+inserted as is (matplotlib escapes the text it draws).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from tdiag.findings import Finding, count_by_severity
+from tdiag.history import write_text_atomic
+from tdiag.report.charts import Chart, chart_keys_for_finding, finding_steps
+from tdiag.report.summary import format_number, headline_cards
+
+__all__ = ["REPORT_HTML", "render_html", "write_report_html"]
+
+REPORT_HTML = "report.html"
+_MAX_LIST_ITEMS = 12
+_MAX_TEXT = 400
+_MAX_META_ROWS = 400
+
+
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("tdiag.report", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+
+
+def format_evidence(value: Any) -> str:
+    """One evidence value as short text: numbers rounded, long lists cut with a count."""
+    if isinstance(value, float | int) and not isinstance(value, bool):
+        return format_number(value)
+    if isinstance(value, list | tuple):
+        head = ", ".join(format_evidence(v) for v in value[:_MAX_LIST_ITEMS])
+        more = len(value) - _MAX_LIST_ITEMS
+        return f"[{head}{f', … ({more} more)' if more > 0 else ''}]"
+    if isinstance(value, Mapping):
+        items = list(value.items())
+        head = ", ".join(f"{k}: {format_evidence(v)}" for k, v in items[:_MAX_LIST_ITEMS])
+        return "{" + head + (", …" if len(items) > _MAX_LIST_ITEMS else "") + "}"
+    text = str(value)
+    return text if len(text) <= _MAX_TEXT else text[:_MAX_TEXT] + "…"
+
+
+def _flatten(obj: Any, prefix: str = "") -> list[tuple[str, str]]:
+    if isinstance(obj, Mapping):
+        rows: list[tuple[str, str]] = []
+        for k, v in obj.items():
+            rows.extend(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return rows
+    return [(prefix, format_evidence(obj))]
+
+
+def _finding_views(findings: Sequence[Finding], charts: Sequence[Chart]) -> list[dict[str, Any]]:
+    titles = {c.key: c.title for c in charts}
+    views = []
+    for number, f in enumerate(findings, start=1):
+        keys = chart_keys_for_finding(f, titles)
+        evidence = f.evidence if isinstance(f.evidence, Mapping) else {"value": f.evidence}
+        views.append(
+            {
+                "number": number,
+                "id": f.id,
+                "severity": f.severity.value,
+                "title": f.title,
+                "message": f.message,
+                "where": f.where,
+                "step": f.step,
+                "evidence": [(str(k), format_evidence(v)) for k, v in evidence.items()],
+                "recommendation": f.recommendation,
+                "docs": f.docs,
+                "chart_anchor": "chart-" + keys[0] if keys else None,
+                "chart_title": titles[keys[0]].lower() if keys else None,
+            }
+        )
+    return views
+
+
+def _chart_marks(
+    findings: Sequence[Finding], charts: Sequence[Chart]
+) -> dict[str, list[tuple[int, str]]]:
+    keys = [c.key for c in charts]
+    out: dict[str, list[tuple[int, str]]] = {k: [] for k in keys}
+    for number, f in enumerate(findings, start=1):
+        if not finding_steps(f):
+            continue
+        for key in chart_keys_for_finding(f, keys):
+            out[key].append((number, f.title))
+    return out
+
+
+def run_name(meta: Mapping[str, Any], source: str) -> str:
+    """A display name: meta's ``name``/``run_name`` or the run folder's name."""
+    for key in ("name", "run_name"):
+        value = meta.get(key)
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+    return Path(source).name or source
+
+
+def render_html(
+    report: Mapping[str, Any],
+    findings: Sequence[Finding],
+    charts: Sequence[Chart],
+    *,
+    source: str,
+    live_alerts: Sequence[Finding] = (),
+) -> str:
+    """The HTML page of a report.
+
+    Args:
+        report: the report.json object (summary, run meta, skipped, history_problems).
+        findings: the same findings as Finding objects, in display order (numbered 1..).
+        charts: from :func:`tdiag.report.charts.build_charts` with the same findings.
+        source: the run folder or history path, shown under the title.
+        live_alerts: Findings the Monitor raised while training (events.jsonl), listed apart.
+    """
+    from tdiag import __version__
+
+    meta = report.get("run") or {}
+    summary = report.get("summary") or {}
+    context = {
+        "version": __version__,
+        "run_name": run_name(meta, source),
+        "source": source,
+        "counts": count_by_severity(findings),
+        "cards": headline_cards(summary),
+        "problems": list(report.get("history_problems") or []),
+        "findings": _finding_views(findings, charts),
+        "skipped": [
+            {"id": str(s.get("id", "?")), "reason": str(s.get("reason", ""))}
+            for s in report.get("skipped") or []
+        ],
+        "charts": list(charts),
+        "chart_marks": _chart_marks(findings, charts),
+        "meta_rows": _flatten(meta)[:_MAX_META_ROWS],
+        "rows": summary.get("rows") or 0,
+        "alerts": [
+            {
+                "severity": a.severity.value,
+                "id": a.id,
+                "step": a.step,
+                "title": a.title,
+                "message": a.message,
+            }
+            for a in live_alerts
+        ],
+    }
+    return _environment().get_template("report.html.j2").render(**context)
+
+
+def write_report_html(out_dir: Path, html: str) -> Path:
+    """Write ``out_dir/report.html`` atomically; returns its path."""
+    path = Path(out_dir) / REPORT_HTML
+    write_text_atomic(path, html)
+    return path

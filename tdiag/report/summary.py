@@ -1,0 +1,257 @@
+"""Headline numbers of a run, computed from its history DataFrame (Contract 3 names).
+
+Pure: a DataFrame and the meta dict in, a flat dict of numbers out. Every key is present;
+a number the history cannot give is ``None`` (rendered as "–"), never a guess — except
+``tokens``, which is estimated from throughput when no cumulative token count was logged
+and says so in ``tokens_estimated``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["SUMMARY_KEYS", "logged_mask", "numeric_column", "summarize"]
+
+# Cumulative token counters a logger may write (first one present wins).
+_TOKEN_COLUMNS = ("train/tokens", "train/tokens_seen", "perf/tokens_total", "tokens")
+_MEMORY_COLUMNS = (
+    (
+        "peak_gpu_mem_gb",
+        ("sys/gpu_mem_peak_gb", "sys/gpu_mem_reserved_gb", "sys/gpu_mem_allocated_gb"),
+    ),
+    ("peak_rss_gb", ("sys/rss_gb",)),
+)
+
+SUMMARY_KEYS = (
+    "rows",
+    "first_step",
+    "last_step",
+    "steps",
+    "tokens",
+    "tokens_estimated",
+    "wall_time_s",
+    "final_train_loss",
+    "best_train_loss",
+    "best_train_loss_step",
+    "final_val_loss",
+    "best_val_loss",
+    "best_val_loss_step",
+    "mean_tokens_per_sec",
+    "peak_tokens_per_sec",
+    "mean_mfu",
+    "peak_mfu",
+    "peak_gpu_mem_gb",
+    "peak_rss_gb",
+    "metrics",
+)
+
+
+def numeric_column(df: pd.DataFrame, name: str) -> pd.Series | None:
+    """``df[name]`` as float64 (non-numbers -> NaN), or None when the column is absent."""
+    if name not in df.columns:
+        return None
+    col = df[name]
+    if col.dtype == np.float64:
+        return col
+    return pd.to_numeric(col, errors="coerce").astype(np.float64)
+
+
+def logged_mask(df: pd.DataFrame, name: str) -> np.ndarray:
+    """Rows on which ``name`` was logged. A NaN cell is either "not on this row" or "logged
+    as NaN"; it counts as logged when the row carries another metric of the same family
+    (``train/loss`` NaN next to a ``train/lr``), which is how the Monitor writes its rows."""
+    col = numeric_column(df, name)
+    if col is None:
+        return np.zeros(len(df), dtype=bool)
+    y = col.to_numpy()
+    logged = ~np.isnan(y)
+    if logged.all():
+        return logged
+    family = name.split("/", 1)[0] + "/"
+    for sibling in df.columns:
+        if sibling != name and sibling.startswith(family):
+            s = numeric_column(df, sibling)
+            if s is not None:
+                logged |= ~np.isnan(s.to_numpy())
+    return logged
+
+
+def _finite(series: pd.Series | None) -> pd.Series | None:
+    if series is None:
+        return None
+    values = series.to_numpy()
+    mask = np.isfinite(values)
+    if not mask.any():
+        return None
+    return series[mask]
+
+
+def _num(value: Any) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _final_and_best(df: pd.DataFrame, name: str) -> tuple[float | None, float | None, int | None]:
+    """Last logged value (may be non-finite: a NaN at the end is news), best finite value and its step."""
+    col = numeric_column(df, name)
+    if col is None:
+        return None, None, None
+    present = col[logged_mask(df, name)]
+    final = float(present.iloc[-1]) if len(present) else None  # NaN/Inf at the end is news
+    finite = _finite(col)
+    if finite is None:
+        return final, None, None
+    idx = finite.idxmin()
+    return final, float(finite.loc[idx]), int(df["step"].loc[idx])
+
+
+def _mean_and_peak(df: pd.DataFrame, name: str) -> tuple[float | None, float | None]:
+    finite = _finite(numeric_column(df, name))
+    if finite is None:
+        return None, None
+    return _num(finite.mean()), _num(finite.max())
+
+
+def _tokens(df: pd.DataFrame, steps: int) -> tuple[float | None, bool]:
+    """Total tokens: the last cumulative counter if logged, else tokens/s x step time x steps."""
+    for name in _TOKEN_COLUMNS:
+        finite = _finite(numeric_column(df, name))
+        if finite is not None:
+            return float(finite.iloc[-1]), False
+    tps = numeric_column(df, "perf/tokens_per_sec")
+    step_time = numeric_column(df, "perf/step_time")
+    if tps is None or step_time is None or steps <= 0:
+        return None, False
+    per_step = _finite(tps * step_time)
+    if per_step is None:
+        return None, False
+    return float(per_step.mean()) * steps, True
+
+
+def summarize(df: pd.DataFrame, meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Headline numbers of a run.
+
+    Args:
+        df: the history as read by :func:`tdiag.history.read_history` (needs a ``step`` column).
+        meta: the run's meta.json (unused today beyond future-proofing; may be None).
+
+    Returns:
+        A dict with every key of :data:`SUMMARY_KEYS`; values are floats/ints or None.
+        ``steps`` counts optimizer steps done (the last step, +1 when steps start at 0), ``wall_time_s`` spans
+        the first to the last logged ``time``; losses are per-token means as logged.
+    """
+    del meta  # reserved: the summary reads the history only
+    out: dict[str, Any] = dict.fromkeys(SUMMARY_KEYS)
+    steps = df["step"].to_numpy()
+    out["rows"] = len(df)
+    out["metrics"] = sorted(c for c in df.columns if c not in ("step", "time"))
+    if len(steps) == 0:
+        return out
+    first, last = int(steps.min()), int(steps.max())
+    out["first_step"], out["last_step"] = first, last
+    # Logged steps count optimizer steps done (1-based); a 0-based logger starts at 0.
+    out["steps"] = last + 1 if first == 0 else last
+    times = _finite(numeric_column(df, "time"))
+    if times is not None and len(times) > 1:
+        out["wall_time_s"] = float(times.max() - times.min())
+    out["tokens"], out["tokens_estimated"] = _tokens(df, out["steps"])
+    out["final_train_loss"], out["best_train_loss"], out["best_train_loss_step"] = _final_and_best(
+        df, "train/loss"
+    )
+    out["final_val_loss"], out["best_val_loss"], out["best_val_loss_step"] = _final_and_best(
+        df, "val/loss"
+    )
+    out["mean_tokens_per_sec"], out["peak_tokens_per_sec"] = _mean_and_peak(
+        df, "perf/tokens_per_sec"
+    )
+    out["mean_mfu"], out["peak_mfu"] = _mean_and_peak(df, "perf/mfu")
+    for key, names in _MEMORY_COLUMNS:
+        for name in names:
+            _, peak = _mean_and_peak(df, name)
+            if peak is not None:
+                out[key] = peak
+                break
+    return out
+
+
+# ---------------------------------------------------------------- formatting (HTML and console)
+
+
+def format_number(value: Any, *, digits: int = 4) -> str:
+    """Human-readable number: ints with thousands separators, floats to ``digits`` significant."""
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "NaN"
+        if math.isinf(value):
+            return "∞" if value > 0 else "-∞"
+        if value == int(value) and abs(value) < 1e15:
+            return f"{int(value):,}"
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def format_duration(seconds: float | None) -> str:
+    """``3725`` -> ``"1h 02m 05s"``; None -> "–"."""
+    if seconds is None:
+        return "–"
+    seconds = max(0.0, float(seconds))
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, sec = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours}h {minutes:02d}m {sec:02d}s"
+    return f"{minutes}m {sec:02d}s"
+
+
+def _big(value: float | None) -> str:
+    if value is None:
+        return "–"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale * 0.9995:  # 999,999 reads "1M", not "1e+03k"
+            return f"{value / scale:.3g}{unit}"
+    return format_number(value)
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f} %"
+
+
+def headline_cards(summary: Mapping[str, Any]) -> list[dict[str, str]]:
+    """The headline numbers as ``[{"label", "value", "sub"}]``, in reading order."""
+    s = summary
+
+    def at(step: Any) -> str:
+        return f"best at step {format_number(step)}" if step is not None else ""
+
+    tokens = _big(s.get("tokens"))
+    return [
+        {"label": "Steps", "value": format_number(s.get("steps")), "sub": f"{format_number(s.get('rows'))} rows logged"},
+        {"label": "Tokens", "value": tokens, "sub": "estimated from throughput" if s.get("tokens_estimated") else ""},
+        {"label": "Wall time", "value": format_duration(s.get("wall_time_s")), "sub": ""},
+        {"label": "Final train loss", "value": format_number(s.get("final_train_loss")), "sub": ""},
+        {"label": "Best train loss", "value": format_number(s.get("best_train_loss")), "sub": at(s.get("best_train_loss_step"))},
+        {"label": "Final val loss", "value": format_number(s.get("final_val_loss")), "sub": ""},
+        {"label": "Best val loss", "value": format_number(s.get("best_val_loss")), "sub": at(s.get("best_val_loss_step"))},
+        {"label": "Tokens / s", "value": _big(s.get("mean_tokens_per_sec")), "sub": f"mean; peak {_big(s.get('peak_tokens_per_sec'))}"},
+        {"label": "MFU", "value": _pct(s.get("mean_mfu")), "sub": f"mean; peak {_pct(s.get('peak_mfu'))}"},
+        {"label": "Peak GPU memory", "value": _gb(s.get("peak_gpu_mem_gb")), "sub": ""},
+        {"label": "Peak process RSS", "value": _gb(s.get("peak_rss_gb")), "sub": ""},
+    ]  # fmt: skip
+
+
+def _gb(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f} GB"

@@ -1,0 +1,1 @@
+"""Tests of the debugger (teams B1, B2)."""

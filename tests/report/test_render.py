@@ -1,0 +1,310 @@
+"""Renderers of the report: summary numbers, downsampling, charts, HTML, JSON, console."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+from html.parser import HTMLParser
+
+import numpy as np
+import pandas as pd
+import pytest
+from rich.console import Console
+
+from tdiag.findings import Finding, Severity
+from tdiag.report.charts import (
+    build_charts,
+    chart_keys_for_finding,
+    clip_threshold,
+    downsample_minmax,
+)
+from tdiag.report.console import render_console
+from tdiag.report.render_html import render_html
+from tdiag.report.render_json import assemble_report, dumps_report
+from tdiag.report.summary import format_duration, format_number, summarize
+
+
+def history(
+    n: int = 400, *, layers: tuple[str, ...] = ("blocks.0.mlp",), seed: int = 0
+) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    steps = np.arange(1, n + 1)
+    df = pd.DataFrame(
+        {
+            "step": steps,
+            "time": 100.0 + 0.25 * steps,
+            "train/loss": 3.0 * np.exp(-steps / (n / 4)) + 1.0 + 0.01 * rng.standard_normal(n),
+            "train/lr": np.minimum(1.0, steps / 20) * 1e-3,
+            "train/grad_norm": 1.0 + 0.1 * rng.random(n),
+            "perf/tokens_per_sec": 1000.0 + 10 * rng.standard_normal(n),
+            "perf/step_time": np.full(n, 0.5),
+            "perf/mfu": np.full(n, 0.25),
+            "sys/gpu_mem_peak_gb": np.linspace(10, 12, n),
+        }
+    )
+    for name in layers:
+        df[f"grad_norm/{name}"] = 0.5 + 0.01 * rng.random(n)
+    df["val/loss"] = np.where(steps % 100 == 0, df["train/loss"] + 0.1, np.nan)
+    return df
+
+
+# ---------------------------------------------------------------- summary
+
+
+def test_summary_matches_a_naive_computation():
+    df = history(400)
+    df.loc[df.index[-1], "train/loss"] = np.nan  # a NaN at the very end is the final value
+    s = summarize(df)
+    loss = df["train/loss"].tolist()
+    finite = [(v, st) for v, st in zip(loss, df["step"], strict=True) if math.isfinite(v)]
+    best, best_step = min(finite)
+    assert s["steps"] == 400 and s["rows"] == 400 and s["first_step"] == 1
+    assert math.isnan(s["final_train_loss"])
+    assert s["best_train_loss"] == pytest.approx(best) and s["best_train_loss_step"] == best_step
+    val = [(v, st) for v, st in zip(df["val/loss"], df["step"], strict=True) if not math.isnan(v)]
+    assert s["final_val_loss"] == pytest.approx(val[-1][0])
+    assert (
+        s["best_val_loss"] == pytest.approx(min(val)[0]) and s["best_val_loss_step"] == min(val)[1]
+    )
+    assert s["wall_time_s"] == pytest.approx(0.25 * 399)
+    assert s["mean_tokens_per_sec"] == pytest.approx(sum(df["perf/tokens_per_sec"]) / 400)
+    assert s["peak_tokens_per_sec"] == pytest.approx(max(df["perf/tokens_per_sec"]))
+    assert s["mean_mfu"] == pytest.approx(0.25) and s["peak_gpu_mem_gb"] == pytest.approx(12.0)
+    assert s["tokens_estimated"] is True
+    assert s["tokens"] == pytest.approx(sum(df["perf/tokens_per_sec"] * 0.5) / 400 * 400)
+    df["train/tokens"] = df["step"] * 512.0  # a cumulative counter wins over the estimate
+    s2 = summarize(df)
+    assert s2["tokens"] == 400 * 512 and s2["tokens_estimated"] is False
+
+
+def test_summary_of_a_sparse_history_has_nones():
+    df = pd.DataFrame({"step": [0, 1, 2], "sys/rss_gb": [1.0, 2.0, 1.5]})
+    s = summarize(df)
+    assert s["steps"] == 3  # 0-based steps
+    assert (
+        s["final_train_loss"] is None and s["mean_tokens_per_sec"] is None and s["tokens"] is None
+    )
+    assert s["peak_rss_gb"] == 2.0 and s["wall_time_s"] is None
+
+
+def test_number_formats():
+    assert format_number(1234567) == "1,234,567"
+    assert format_number(0.000123456) == "0.0001235"
+    assert format_number(float("nan")) == "NaN" and format_number(None) == "–"
+    assert format_duration(3725) == "1h 02m 05s" and format_duration(42.0) == "42.0 s"
+
+
+# ---------------------------------------------------------------- downsampling
+
+
+def naive_minmax(y: np.ndarray, buckets: int) -> set[int]:
+    size = math.ceil(len(y) / buckets)
+    keep = set()
+    for start in range(0, len(y), size):
+        chunk = y[start : start + size]
+        if np.isnan(chunk).all():
+            continue
+        keep.add(start + int(np.nanargmin(chunk)))
+        keep.add(start + int(np.nanargmax(chunk)))
+    return keep
+
+
+def test_downsample_keeps_each_buckets_min_and_max():
+    rng = np.random.default_rng(1)
+    y = rng.standard_normal(10_007)
+    y[5_003] = 50.0  # one-step spike
+    y[100:130] = np.nan
+    x = np.arange(len(y), dtype=float) * 2
+    xs, ys = downsample_minmax(x, y, buckets=100)
+    assert len(xs) <= 200
+    assert set((xs / 2).astype(int)) == naive_minmax(y, 100)
+    assert 50.0 in ys and np.all(np.diff(xs) > 0)
+    np.testing.assert_array_equal(ys, y[(xs / 2).astype(int)])
+
+
+def test_downsample_leaves_short_series_alone():
+    x, y = np.arange(10.0), np.arange(10.0) ** 2
+    xs, ys = downsample_minmax(x, y, buckets=100)
+    assert xs is x and ys is y
+
+
+def test_chart_size_does_not_grow_with_rows():
+    """Once a series has more points than buckets, the SVG size stays put (5x rows here)."""
+    keys = ("loss", "grad-norm", "layer-grad-norms")
+    small = {c.key: len(c.svg) for c in build_charts(history(8_000), buckets=100, only=keys)}
+    big = {c.key: len(c.svg) for c in build_charts(history(40_000), buckets=100, only=keys)}
+    assert small.keys() == big.keys()
+    for key, size in big.items():
+        assert size < 1.25 * small[key] + 5_000, (key, size, small[key])
+        assert size < 150_000, (key, size)
+
+
+# ---------------------------------------------------------------- charts
+
+
+def finding(fid="train.loss-spikes", severity=Severity.ERROR, step=150, **kw) -> Finding:
+    return Finding(id=fid, severity=severity, title=kw.pop("title", "Loss spiked"), step=step, **kw)
+
+
+def test_findings_are_marked_on_their_chart():
+    df = history(300)
+    keys = ("loss", "memory")
+    plain = {c.key: c.svg for c in build_charts(df, only=keys)}
+    f = finding(evidence={"steps": [150, 220]})
+    marked = {c.key: c.svg for c in build_charts(df, findings=[f], only=keys)}
+    assert "#c62828" not in plain["loss"]  # the error colour is only used by marks
+    assert marked["loss"].count("#c62828") >= 2  # two vertical lines (plus labels)
+    assert "#c62828" not in marked["memory"]
+
+
+def test_chart_keys_for_finding_follow_the_id_and_what_was_drawn():
+    assert chart_keys_for_finding(finding("perf.data-stall"), ["loss", "step-time"]) == [
+        "step-time"
+    ]
+    assert chart_keys_for_finding(finding("mem.leak"), ["loss", "memory"]) == ["memory"]
+    assert chart_keys_for_finding(finding("train.whatever-new"), ["lr", "loss"]) == ["loss"]
+    assert chart_keys_for_finding(finding("mem.leak"), ["loss"]) == []
+    assert chart_keys_for_finding(finding("train.clipping-frequent"), ["loss", "grad-norm"]) == [
+        "grad-norm"
+    ]
+
+
+def test_clip_threshold_drawn_when_configured():
+    assert clip_threshold({"config": {"grad_clip": 0.5}}) == 0.5
+    assert clip_threshold({"config": {"max_grad_norm": 2}}) == 2.0
+    assert clip_threshold({"config": {"grad_clip": 0.0}}) is None
+    assert clip_threshold({}) is None
+    meta = {"config": {"grad_clip": 0.5}}
+    with_clip = {c.key: c for c in build_charts(history(200), meta, only=["grad-norm"])}
+    without = {c.key: c for c in build_charts(history(200), {}, only=["grad-norm"])}
+    assert "clip threshold 0.5" in with_clip["grad-norm"].svg
+    assert "clip threshold" not in without["grad-norm"].svg
+
+
+def test_many_layers_become_a_heatmap_and_few_stay_lines():
+    only = ["layer-grad-norms"]
+    few = {c.key: c for c in build_charts(history(200, layers=("a", "b")), only=only)}
+    layers = tuple(f"blocks.{i}" for i in range(12))
+    many = {c.key: c for c in build_charts(history(200, layers=layers), only=only)}
+    assert "<image" not in few["layer-grad-norms"].svg
+    assert "<image" in many["layer-grad-norms"].svg and "blocks.11" in many["layer-grad-norms"].svg
+    svg = many["layer-grad-norms"].svg
+    assert not re.search(r"<text[^>]*>[^<]*\$", svg), "log colour-bar ticks must be typeset"
+    assert "<!--" not in svg
+
+
+def test_dollar_signs_in_names_are_drawn_literally():
+    df = history(100, layers=("price$a$b", "x"))
+    (chart,) = build_charts(df, only=["layer-grad-norms"])
+    assert "price$a$b" in chart.svg
+
+
+def test_missing_metrics_mean_missing_charts():
+    df = pd.DataFrame({"step": np.arange(50), "sys/rss_gb": np.linspace(1, 2, 50)})
+    assert [c.key for c in build_charts(df)] == ["memory"]
+
+
+# ---------------------------------------------------------------- HTML
+
+
+class _Collector(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.ids: list[str] = []
+        self.tags: list[str] = []
+        self.attrs: list[tuple[str, str | None]] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self.attrs.extend(attrs)
+        self.ids.extend(v for k, v in attrs if k == "id" and v)
+
+
+EVIL = "<script>alert(1)</script>"
+
+
+def make_report(df=None, findings=(), meta=None, problems=()):
+    df = history(300) if df is None else df
+    return assemble_report(
+        meta=meta or {}, summary=summarize(df), findings=list(findings), analyses={}, skipped=[],
+        history_problems=list(problems),
+    )  # fmt: skip
+
+
+def render(df=None, findings=(), meta=None, problems=(), only=None):
+    df = history(300) if df is None else df
+    report = make_report(df, findings, meta, problems)
+    charts = build_charts(df, meta or {}, list(findings), only=only)
+    return render_html(report, list(findings), charts, source="runs/x"), report
+
+
+def test_html_escapes_everything_that_comes_from_the_run():
+    df = history(200, layers=(f"blocks.0.{EVIL}",))
+    f = finding(
+        title=f"title {EVIL}", message=f"msg {EVIL}", where=f"mod.{EVIL}",
+        evidence={EVIL: EVIL, "steps": [150]}, recommendation=f"do {EVIL}",
+    )  # fmt: skip
+    meta = {"name": EVIL, "config": {EVIL: EVIL}}
+    html, _ = render(df, [f], meta=meta, problems=[EVIL], only=["loss", "layer-grad-norms"])
+    assert "<script" not in html.lower()
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert html.count("&lt;script&gt;") >= 8
+
+
+def test_html_is_self_contained_with_unique_ids():
+    html, _ = render(findings=[finding(), finding("perf.low-mfu", Severity.WARNING, step=None)])
+    parsed = _Collector()
+    parsed.feed(html)
+    assert "script" not in parsed.tags and "link" not in parsed.tags and "iframe" not in parsed.tags
+    assert not re.search(r"https?://|@import|url\((?!#)", html), "external reference"
+    for name, value in parsed.attrs:
+        if name in ("src", "href", "xlink:href"):
+            assert value is not None and value.startswith(("#", "data:")), (name, value)
+    dupes = {i for i in parsed.ids if parsed.ids.count(i) > 1}
+    assert not dupes, sorted(dupes)[:5]
+    assert len(html) < 2_000_000
+
+
+def test_html_findings_come_first_and_link_to_their_charts():
+    f1 = finding("train.nonfinite-loss", Severity.ERROR, step=120, title="Loss became NaN")
+    f2 = finding("perf.low-mfu", Severity.WARNING, step=None, title="Low MFU")
+    html, _ = render(findings=[f1, f2], only=["loss", "throughput"])
+    assert html.index('id="findings"') < html.index('id="charts"')
+    assert html.index('id="finding-1"') < html.index('id="finding-2"')
+    block1 = html[html.index('id="finding-1"') : html.index('id="finding-2"')]
+    assert 'href="#chart-loss"' in block1
+    block2 = html[html.index('id="finding-2"') : html.index('id="charts"')]
+    assert 'href="#chart-throughput"' in block2
+    loss_fig = html[html.index('id="chart-loss"') :]
+    assert 'href="#finding-1"' in loss_fig[: loss_fig.index("</figure>")]
+    assert 'class="log-toggle"' in html  # the loss chart has a log-scale rendering too
+
+
+def test_html_states_history_problems_and_empty_findings():
+    html, _ = render(problems=["the last line was cut off (torn write) and was skipped"], only=[])
+    assert "1 problem reading the history" in html and "cut off" in html
+    assert "No finding" in html
+
+
+# ---------------------------------------------------------------- JSON and console
+
+
+def test_report_json_is_strict_and_round_trips_findings():
+    f = finding(evidence={"ratio": math.inf, "median": math.nan, "steps": [1, 2]})
+    text = dumps_report(make_report(findings=[f]))
+    loaded = json.loads(text, parse_constant=lambda t: pytest.fail(f"bare {t}"))
+    assert Finding.from_dict(loaded["findings"][0]) == f
+    assert loaded["summary"]["errors"] == 1 and loaded["summary"]["steps"] == 300
+
+
+def test_console_summary_shows_numbers_and_findings_literally():
+    f = finding(title="weird [bold]title[/bold]", step=7)
+    report = make_report(findings=[f])
+    buf = io.StringIO()
+    render_console(Console(file=buf, width=120, color_system=None), report, [f])
+    out = buf.getvalue()
+    assert "Final train loss" in out and "300" in out
+    assert "train.loss-spikes" in out and "weird [bold]title[/bold]" in out
+    assert "1 error(s), 0 warning(s), 0 info" in out
