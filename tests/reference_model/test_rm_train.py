@@ -1,0 +1,430 @@
+"""The training loop: accumulation, resume, DDP, learning, schedules, early stopping, CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from reference_model.config import ModelConfig
+from reference_model.model import Transformer
+from reference_model.train import (
+    EarlyStopping,
+    TrainConfig,
+    build_batchers,
+    evaluate,
+    forward_backward,
+    lr_lambda,
+    main,
+    param_groups,
+    train,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def tiny_cfg(**kw) -> TrainConfig:
+    model_kw = kw.pop("model", {})
+    base = dict(
+        model=ModelConfig(d_model=32, n_heads=4, n_layers=2, max_seq_len=32, **model_kw),
+        batch_size=8,
+        steps=4,
+        warmup_steps=2,
+        eval_every=0,
+        eval_batches=2,
+        data_max_bytes=300_000,
+        device="cpu",
+        quiet=True,
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+class LossRecorder:
+    def __init__(self) -> None:
+        self.losses: list[torch.Tensor] = []
+        self.grad_norms: list[torch.Tensor | None] = []
+        self.events: list[str] = []
+
+    def on_train_start(self, state) -> None:
+        self.events.append("start")
+
+    def on_step_end(self, state) -> None:
+        self.losses.append(state.loss.detach().clone())
+        self.grad_norms.append(state.grad_norm)
+        self.events.append("step")
+
+    def on_eval(self, state) -> None:
+        self.events.append(f"eval {state.val_loss:.3f}")
+
+    def on_train_end(self, state) -> None:
+        self.events.append("end")
+
+
+class StopAt:
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, state) -> None:
+        if state.step == self.step:
+            state.should_stop = True
+
+
+@pytest.mark.parametrize("batching", ["chunks", "documents"])
+def test_grad_accumulation_equals_full_batch(batching: str) -> None:
+    """k micro-batches of B/k give the gradient of one batch of B (fp32, atol 1e-6)."""
+    cfg = tiny_cfg(batching=batching, bucket=False)
+    train_b, _ = build_batchers(cfg, 0, 1)
+    batches = [train_b.batch(i) for i in range(2)]
+    if batching == "documents":  # unequal lengths: re-pad to a common length
+        from reference_model.data import pad_batch
+
+        rows = [
+            r[m.bool()]
+            for b in batches
+            for r, m in zip(b["input_ids"], b["attention_mask"], strict=True)
+        ]
+        full = pad_batch(rows)
+    else:
+        full = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+    grads = []
+    for micro in ([full], batches):
+        torch.manual_seed(0)
+        model = Transformer(cfg.model)
+        loss = forward_backward(model, micro, label_smoothing=0.1)
+        grads.append((loss, torch.cat([p.grad.flatten() for p in model.parameters()])))
+    torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(grads[0][1], grads[1][1], atol=1e-6, rtol=1e-5)
+    assert grads[0][1].abs().max() > 1e-3  # gradients are not trivially zero
+
+
+def test_trainer_accumulation_matches_full_batch_training() -> None:
+    """Through the whole loop: 2 x 4 accumulated steps end where 8-sequence steps do."""
+    a = train(tiny_cfg(batch_size=8, grad_accum=1, steps=3))
+    b = train(tiny_cfg(batch_size=4, grad_accum=2, steps=3))
+    for pa, pb in zip(a.model.parameters(), b.model.parameters(), strict=True):
+        torch.testing.assert_close(pa, pb, atol=1e-5, rtol=1e-4)
+    assert a.final_loss == pytest.approx(b.final_loss, rel=1e-5)
+
+
+def test_checkpoint_resume_equals_uninterrupted(tmp_path: Path) -> None:
+    cfg = tiny_cfg(steps=6, model=dict(dropout=0.1), out_dir=str(tmp_path / "a"))
+    whole = LossRecorder()
+    train(cfg, [whole])
+    cfg_b = dataclasses.replace(cfg, out_dir=str(tmp_path / "b"), resume=True)
+    first = LossRecorder()
+    r1 = train(cfg_b, [first, StopAt(3)])
+    assert r1.steps == 3 and (tmp_path / "b" / "checkpoint.pt").exists()
+    assert not list((tmp_path / "b").glob("*.tmp"))  # the atomic write left nothing behind
+    second = LossRecorder()
+    r2 = train(cfg_b, [second])
+    assert r2.steps == 6 and len(second.losses) == 3
+    got = torch.stack(first.losses + second.losses)
+    want = torch.stack(whole.losses)
+    assert torch.equal(got, want), (got, want)
+    for pa, pb in zip(r2.model.parameters(), train(cfg).model.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+
+
+def test_checkpoint_loads_with_weights_only(tmp_path: Path) -> None:
+    train(tiny_cfg(steps=2, out_dir=str(tmp_path)))
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ck["step"] == 2
+    assert {"model", "optimizer", "scheduler", "scaler", "rng", "early_stopping"} <= set(ck)
+
+
+def test_callbacks_see_state_in_order() -> None:
+    rec = LossRecorder()
+    res = train(tiny_cfg(steps=4, eval_every=2, grad_clip=1.0), [rec])
+    assert rec.events[0] == "start" and rec.events[-1] == "end"
+    assert [e.split()[0] for e in rec.events[1:-1]] == ["step", "step", "eval"] * 2
+    assert all(g is not None and g.dim() == 0 for g in rec.grad_norms)
+    assert res.steps == 4 and len(res.val_history) == 2
+    no_clip = LossRecorder()
+    train(tiny_cfg(steps=1, grad_clip=0.0), [no_clip])
+    assert no_clip.grad_norms == [None]
+
+
+def test_grad_norm_is_pre_clip() -> None:
+    rec = LossRecorder()
+    train(tiny_cfg(steps=2, grad_clip=1e-3), [rec])
+    assert all(float(g) > 1e-3 for g in rec.grad_norms)  # what clip_grad_norm_ saw, not 1e-3
+
+
+def test_batch_transform_is_applied() -> None:
+    seen = []
+
+    def transform(batch):
+        seen.append(batch["input_ids"].shape)
+        return batch
+
+    train(tiny_cfg(steps=2, grad_accum=2, batch_size=4), batch_transform=transform)
+    assert seen == [(4, 32)] * 4
+
+
+def test_training_lowers_validation_loss() -> None:
+    """Real learning on the built-in corpus in a fixed number of steps (~10 s on one core)."""
+    cfg = dataclasses.replace(
+        tiny_cfg(steps=150, batch_size=16, lr=3e-3, warmup_steps=10, eval_batches=4),
+        model=ModelConfig(d_model=64, n_heads=4, n_layers=2, max_seq_len=64, pos_encoding="rope"),
+    )
+    torch.manual_seed(0)
+    fresh = Transformer(cfg.model)
+    _, val_b = build_batchers(cfg, 0, 1)
+    from reference_model.data import eval_batches
+
+    before = evaluate(fresh, eval_batches(val_b, cfg.eval_batches), cfg, torch.device("cpu"))
+    result = train(cfg)
+    assert abs(before - math.log(257)) < 0.2
+    assert result.val_loss < before - 2.0, (before, result.val_loss)
+
+
+def test_early_stopping_state_and_behaviour() -> None:
+    es = EarlyStopping(patience=2, min_delta=0.01)
+    assert not es.update(3.0)
+    assert not es.update(2.995)  # within min_delta: not an improvement
+    copy = EarlyStopping(patience=2, min_delta=0.01)
+    copy.load_state_dict(es.state_dict())
+    assert copy.state_dict() == {"best": 3.0, "bad_evals": 1}
+    assert copy.update(3.1)  # second bad evaluation: stop
+    assert not EarlyStopping(patience=2).update(1.0)
+
+
+def test_early_stopping_ends_training() -> None:
+    # lr so high that validation loss gets worse: training stops after `patience` evals
+    cfg = tiny_cfg(
+        steps=60, eval_every=2, early_stopping_patience=2, lr=0.5, warmup_steps=0, grad_clip=0.0
+    )
+    res = train(cfg)
+    assert res.stopped_early and res.steps < 60
+
+
+def test_weight_decay_groups() -> None:
+    m = Transformer(ModelConfig(d_model=32, n_heads=4, n_layers=1, pos_encoding="learned"))
+    decay, no_decay = param_groups(m, 0.1)
+    names = {id(p): n for n, p in m.named_parameters()}
+    decay_names = {names[id(p)] for p in decay["params"]}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert decay_names == {
+        "blocks.0.attn.qkv.weight",
+        "blocks.0.attn.proj.weight",
+        "blocks.0.mlp.fc.weight",
+        "blocks.0.mlp.proj.weight",
+    }
+    assert {
+        "embed.weight",
+        "pos.weight",
+        "blocks.0.norm1.weight",
+        "blocks.0.attn.qkv.bias",
+    } <= no_decay_names
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(m.parameters()))
+
+
+def test_schedules() -> None:
+    cos = lr_lambda(tiny_cfg(steps=100, warmup_steps=10, min_lr_ratio=0.1))
+    assert cos(0) == pytest.approx(0.1) and cos(9) == pytest.approx(1.0)
+    assert cos(99) == pytest.approx(0.1) and 0.1 < cos(50) < 1.0
+    noam = lr_lambda(tiny_cfg(schedule="noam", warmup_steps=16))
+    assert noam(15) == pytest.approx(1.0)
+    assert noam(63) == pytest.approx(0.5)  # inverse square root: 4x the steps, half the rate
+    assert noam(3) == pytest.approx(0.25)  # linear warmup
+
+
+def test_bf16_and_encoder_and_documents_run() -> None:
+    for cfg in (
+        tiny_cfg(steps=2, precision="bf16"),
+        tiny_cfg(steps=2, model=dict(causal=False)),
+        tiny_cfg(steps=2, batching="documents", model=dict(activation_checkpointing=True)),
+    ):
+        res = train(cfg)
+        assert math.isfinite(res.final_loss) and math.isfinite(res.val_loss)
+    with pytest.raises(ValueError, match="fp16"):
+        train(tiny_cfg(precision="fp16"))
+    with pytest.raises(ValueError, match="'adam'"):
+        tiny_cfg(schedule="adam")
+
+
+def test_cli_main_runs(tmp_path: Path, capsys) -> None:
+    code = main(
+        [
+            "--steps",
+            "3",
+            "--d-model",
+            "32",
+            "--n-heads",
+            "2",
+            "--n-layers",
+            "1",
+            "--max-seq-len",
+            "32",
+            "--batch-size",
+            "4",
+            "--data-max-bytes",
+            "200000",
+            "--no-monitor",
+            "--quiet",
+            "--sample",
+            "20",
+            "--device",
+            "cpu",
+            "--out-dir",
+            str(tmp_path),
+        ]
+    )
+    assert code == 0
+    assert (tmp_path / "checkpoint.pt").exists()
+    assert capsys.readouterr().out.startswith("def ")
+    assert main(["--lr", "-1", "--quiet"]) == 2
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_equal_single_process(tmp_path: Path) -> None:
+    """torchrun, 2 ranks x 4 sequences (gloo) == 1 process x 8 sequences: same all-reduced
+    gradients, hence the same parameters after the optimizer steps."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    args = [
+        "--steps",
+        "2",
+        "--d-model",
+        "32",
+        "--n-heads",
+        "4",
+        "--n-layers",
+        "2",
+        "--max-seq-len",
+        "32",
+        "--warmup-steps",
+        "2",
+        "--eval-every",
+        "0",
+        "--eval-batches",
+        "2",
+        "--data-max-bytes",
+        "300000",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--no-monitor",
+        "--sample",
+        "0",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "reference_model.train",
+            *args,
+            "--batch-size",
+            "4",
+            "--out-dir",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp_state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
+    single = train(tiny_cfg(steps=2, batch_size=8, grad_clip=1.0))
+    for name, p in single.model.state_dict().items():
+        torch.testing.assert_close(ddp_state[name], p, atol=1e-5, rtol=1e-4, msg=name)
+    # ... and it is not trivially equal to the untrained model
+    torch.manual_seed(0)
+    init = Transformer(single.model.config).state_dict()
+    assert not torch.allclose(
+        ddp_state["blocks.0.attn.qkv.weight"], init["blocks.0.attn.qkv.weight"]
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_cuda_training_and_resume(tmp_path: Path, precision: str) -> None:
+    cfg = tiny_cfg(steps=4, device="cuda", precision=precision, out_dir=str(tmp_path))
+    whole = LossRecorder()
+    res = train(cfg, [whole])
+    assert math.isfinite(res.final_loss) and math.isfinite(res.val_loss)
+    cfg_b = dataclasses.replace(cfg, out_dir=str(tmp_path / "b"), resume=True)
+    first, second = LossRecorder(), LossRecorder()
+    train(cfg_b, [first, StopAt(2)])
+    train(cfg_b, [second])
+    got = torch.stack(first.losses + second.losses).cpu()
+    # CUDA embedding backward uses atomics: equal up to float reordering, not bitwise
+    torch.testing.assert_close(got, torch.stack(whole.losses).cpu(), atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_kv_cache_and_mask_paths_match_cpu() -> None:
+    torch.manual_seed(0)
+    cpu = Transformer(
+        ModelConfig(d_model=64, n_heads=4, n_layers=2, max_seq_len=64, pos_encoding="rope")
+    ).eval()
+    gpu = Transformer(cpu.config).cuda().eval()
+    gpu.load_state_dict(cpu.state_dict())
+    x = torch.randint(0, 256, (2, 24))
+    mask = torch.ones(2, 24, dtype=torch.long)
+    mask[1, 15:] = 0
+    from reference_model.model import decode_with_cache
+
+    with torch.no_grad():
+        torch.testing.assert_close(gpu(x.cuda()).logits.cpu(), cpu(x).logits, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            gpu(x.cuda(), attention_mask=mask.cuda()).logits.cpu()[mask.bool()],
+            cpu(x, attention_mask=mask).logits[mask.bool()],
+            atol=1e-4,
+            rtol=1e-4,
+        )
+        torch.testing.assert_close(
+            decode_with_cache(gpu, x.cuda()).cpu(), cpu(x).logits, atol=1e-4, rtol=1e-4
+        )
+
+
+@pytest.mark.slow
+def test_demo_command_writes_the_run_folder(tmp_path: Path, monkeypatch) -> None:
+    from reference_model.train import demo_command
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "demo"
+    assert demo_command(out=out, steps=3, device="cpu", quiet=True) == 0
+    assert (out / "checkpoint.pt").exists()
+    assert (out / "history.jsonl").exists()  # written by tdiag's Monitor
+    assert demo_command(out=out, steps=0, device="cpu", quiet=True) == 2
+
+
+def test_reference_model_does_not_import_tdiag() -> None:
+    code = (
+        "import sys, reference_model.model, reference_model.train, reference_model.data; "
+        "assert not any(m == 'tdiag' or m.startswith('tdiag.') for m in sys.modules), 'tdiag imported'"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.slow
+def test_ddp_stop_on_one_rank_stops_all(tmp_path: Path) -> None:
+    """A stop asked on rank 0 only is agreed at the next log step: no rank hangs."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    worker = Path(__file__).with_name("ddp_stop_worker.py")
+    proc = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", str(worker), str(tmp_path)],
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rank 0 stopped at 4" in proc.stdout and "rank 1 stopped at 4" in proc.stdout
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 4
