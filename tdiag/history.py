@@ -116,6 +116,7 @@ class ReadStats:
     torn_last_line: bool = False
     no_step: int = 0
     non_monotonic: int = 0
+    superseded: int = 0
     nonfinite_values: int = 0
     garbage_line_numbers: list[int] = field(default_factory=list)
 
@@ -134,8 +135,8 @@ class ReadStats:
             out.append(f"{self.no_step} row(s) had no numeric 'step' and were skipped")
         if self.non_monotonic:
             out.append(
-                f"step went backwards {self.non_monotonic} time(s) (a resumed run?); "
-                "the later rows were kept"
+                f"step went backwards {self.non_monotonic} time(s) (a resumed run?): "
+                f"the {self.superseded} earlier row(s) of the replayed steps were dropped"
             )
         if self.nonfinite_values:
             out.append(f"{self.nonfinite_values} non-finite value(s) (NaN/Inf)")
@@ -150,6 +151,7 @@ class ReadStats:
             "torn_last_line": self.torn_last_line,
             "no_step": self.no_step,
             "non_monotonic": self.non_monotonic,
+            "superseded": self.superseded,
             "nonfinite_values": self.nonfinite_values,
             "problems": self.problems,
         }
@@ -176,8 +178,9 @@ def read_history(
 
     Columns: ``step`` (int), then one float column per metric in order of first appearance
     (NaN where a row did not carry it; non-numeric values are kept as object columns).
-    Rows stay in file order; with ``dedupe_resumed`` a step logged again after a resume
-    keeps its latest row (the resumed run's values win).
+    Rows stay in file order; with ``dedupe_resumed``, when the step goes backwards (a run
+    resumed from a checkpoint replays steps), the earlier rows of the replayed steps are
+    dropped: the resumed run's rows win, whole (a NaN it logged is not back-filled).
 
     The file is read in blocks of lines, each parsed with one ``json`` call and turned into
     columns by pandas, so memory stays near the size of the resulting frame and the cost is
@@ -219,10 +222,23 @@ def read_history(
     steps = df["step"].to_numpy()
     stats.non_monotonic = int(np.count_nonzero(steps[1:] < steps[:-1]))
     if dedupe_resumed and stats.non_monotonic:
-        # A resumed run logs some steps again; keep the last row written for each
-        # (step, set-of-columns) by merging rows per step with later values winning.
-        df = df.groupby("step", sort=True).last().reset_index()
+        df = df.loc[~_superseded(steps)].reset_index(drop=True)
+        stats.superseded = int(len(steps) - len(df))
     return df, stats
+
+
+def _superseded(steps: np.ndarray) -> np.ndarray:
+    """Rows that a resumed run wrote again: a row is superseded when a LATER segment (the
+    file restarts a segment each time the step goes backwards) starts at or before its step.
+    Rows of the same step in one segment (a val/loss row beside the train row) all stay."""
+    segment = np.concatenate([[0], np.cumsum(steps[1:] < steps[:-1])])
+    n_seg = int(segment[-1]) + 1
+    seg_min = np.full(n_seg, np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(seg_min, segment, steps)
+    # later_min[g] = min step of all segments after g
+    later_min = np.minimum.accumulate(seg_min[::-1])[::-1]
+    later_min = np.concatenate([later_min[1:], [np.iinfo(np.int64).max]])
+    return steps >= later_min[segment]
 
 
 _BLOCK_BYTES = 1 << 24  # lines read and parsed per block (~16 MiB of text)

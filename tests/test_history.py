@@ -63,6 +63,35 @@ def test_reader_resumed_run_keeps_latest_values(tmp_path):
     assert list(df["step"]) == list(range(7))
     assert df.set_index("step").loc[3, "train/loss"] == 103.0
     assert df.set_index("step").loc[2, "train/loss"] == 8.0
+    assert stats.superseded == 2 and "2 earlier row(s)" in " ".join(stats.problems)
+
+
+def test_reader_resume_keeps_new_nan_and_same_step_val_rows(tmp_path):
+    path = tmp_path / "history.jsonl"
+    rows = [
+        {"step": 1, "train/loss": 5.0, "train/lr": 1.0},
+        {"step": 2, "train/loss": 4.0, "train/lr": 1.0},
+        {"step": 2, "val/loss": 4.5},
+        {"step": 3, "train/loss": 3.0},
+        # resumed from step 2: its step-2 row has a NaN loss and no lr
+        {"step": 2, "train/loss": "NaN"},
+        {"step": 2, "val/loss": 9.0},
+        {"step": 3, "train/loss": 2.0},
+        # resumed again from 1
+        {"step": 1, "train/loss": 7.0},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    df, stats = read_history(path)
+    assert stats.non_monotonic == 2
+    assert df.to_dict("list")["step"] == [1]
+    assert df["train/loss"].tolist() == [7.0]
+    rows = rows[:-1]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    df, _ = read_history(path)
+    assert df["step"].tolist() == [1, 2, 2, 3]
+    assert math.isnan(df["train/loss"].iloc[1])  # the resumed NaN is not back-filled
+    assert math.isnan(df["train/lr"].iloc[1])
+    assert df["val/loss"].iloc[2] == 9.0 and df["train/loss"].iloc[3] == 2.0
 
 
 def test_reader_errors_when_nothing_readable(tmp_path):

@@ -34,7 +34,16 @@ FAIL_ON = ("error", "warning")
 def _locate(run_dir: Path) -> tuple[Path, Path]:
     """(history file, run folder) for a run folder or a path to a history file."""
     if run_dir.is_dir():
-        return run_dir / HISTORY_FILE, run_dir
+        history = run_dir / HISTORY_FILE
+        if not history.exists():
+            runs = sorted(p.parent for p in run_dir.glob(f"*/{HISTORY_FILE}"))
+            if runs:  # a folder of runs (e.g. reports/): name them
+                names = ", ".join(str(p) for p in runs[:5]) + (", …" if len(runs) > 5 else "")
+                raise HistoryReadError(
+                    f"no {HISTORY_FILE} in {run_dir}, but {len(runs)} run folder(s) below it: "
+                    f"{names}; pass one of them"
+                )
+        return history, run_dir
     if run_dir.exists() or run_dir.suffix == ".jsonl":
         return run_dir, run_dir.parent
     raise HistoryReadError(f"no run folder or history file at {run_dir}")

@@ -94,8 +94,11 @@ def nonfinite_steps(df: pd.DataFrame, name: str, companions: tuple[str, ...] = (
 
     A sparse history reads a missing cell as NaN too, so a NaN counts as logged when the
     row carries one of ``companions`` (metrics written together with ``name``, e.g. the LR
-    beside the loss), or when the row carries nothing at all besides ``step``/``time``
-    (a row written for this metric alone). Infinities are always logged values.
+    beside the loss), or, when the history has none of the companions, when the row
+    carries nothing at all besides ``step``/``time`` (a row written for this metric
+    alone). With companions present an all-NaN row proves nothing: ``{"step": 40,
+    "val/loss": NaN}`` reads the same, and must not make a NaN training loss. Infinities
+    are always logged values.
     """
     if name not in df.columns:
         return pd.Index([], dtype=np.int64, name="step")
@@ -110,7 +113,7 @@ def nonfinite_steps(df: pd.DataFrame, name: str, companions: tuple[str, ...] = (
     maybe = np.flatnonzero(isnan & ~comp)
     empty_row = np.zeros(len(df), dtype=bool)
     others = [c for c in df.columns if c not in ("step", "time", name)]
-    if len(maybe):
+    if len(maybe) and not present:
         empty_row[maybe] = df.iloc[maybe][others].isna().all(axis=1).to_numpy() if others else True
     mask = isinf | (isnan & (comp | empty_row))
     steps = df["step"].to_numpy()[mask]

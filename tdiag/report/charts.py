@@ -1,9 +1,10 @@
 """Charts of a run's history, drawn with matplotlib (Agg, no pyplot state) as inline SVG.
 
-Long series are downsampled before drawing: the rows are cut into at most ``buckets``
-equal buckets and each keeps its minimum and its maximum, in the order they occurred,
-so a one-step spike in a million-step run still shows and the page stays small.
-Steps that findings point at are drawn as vertical lines numbered like the findings.
+Long series are bucketed before drawing: the points are cut into at most ``buckets`` runs
+of consecutive points, each drawn as its mean (the line) and its minimum and maximum (a
+band), so a one-step spike in a million-step run still shows, noise does not turn the line
+into a solid block, and the page stays small. Steps that findings point at are drawn as
+vertical lines (spans as bands) numbered like the findings.
 """
 
 from __future__ import annotations
@@ -20,14 +21,15 @@ import numpy as np
 import pandas as pd
 
 from tdiag.findings import Finding, Severity
+from tdiag.report.rules.memory import gpu_capacity
 from tdiag.report.summary import logged_mask, numeric_column
 
 __all__ = [
     "Chart",
+    "bucket_envelope",
     "build_charts",
     "chart_keys_for_finding",
     "clip_threshold",
-    "downsample_minmax",
     "finding_steps",
 ]
 
@@ -65,6 +67,23 @@ _PREFIX_CHARTS = {
     "dist.": ("step-time",),
     "grad.": ("grad-norm",),
     "attn.": ("attn-entropy", "attn-max-logit"),
+}
+# Legend labels of the Contract-3 metrics (the chart header lists the raw names).
+_LABELS = {
+    "train/grad_norm": "grad norm",
+    "train/grad_clip_frac": "fraction of steps clipped",
+    "perf/tokens_per_sec": "tokens/s",
+    "perf/mfu": "MFU",
+    "perf/step_time": "step time",
+    "perf/data_time": "data loading",
+    "dist/step_time_max": "slowest rank",
+    "dist/step_time_min": "fastest rank",
+    "sys/gpu_mem_allocated_gb": "GPU allocated",
+    "sys/gpu_mem_reserved_gb": "GPU reserved",
+    "sys/gpu_mem_peak_gb": "GPU peak",
+    "sys/rss_gb": "process RSS",
+    "sys/gpu_util": "GPU",
+    "sys/cpu_percent": "CPU (process)",
 }
 # Config keys that hold a gradient-clipping threshold (meta.json "config").
 _CLIP_KEYS = ("grad_clip", "clip_grad_norm", "max_grad_norm", "grad_clip_norm", "clip_norm", "clip")
@@ -107,48 +126,33 @@ class Chart:
 
 @dataclass(frozen=True)
 class _Mark:
+    """A finding's place on a chart: a step (``end`` None) or a span of steps.
+
+    Only the ``primary`` mark of a finding carries its number; its other steps are drawn
+    fainter and unlabelled, so a finding with many steps does not print its number 20 times.
+    """
+
     step: int
     label: str
     color: str
+    end: int | None = None
+    primary: bool = True
 
 
 @dataclass
 class _Series:
+    """A series to draw. A long one is bucketed: ``y`` is each bucket's mean at its mean
+    step ``x``, and ``lo``/``hi`` its minimum and maximum (drawn as a band)."""
+
     name: str
     x: np.ndarray
     y: np.ndarray
     total: int = 0
+    lo: np.ndarray | None = None
+    hi: np.ndarray | None = None
 
 
 # ---------------------------------------------------------------- data preparation
-
-
-def downsample_minmax(
-    x: np.ndarray, y: np.ndarray, buckets: int = 1000
-) -> tuple[np.ndarray, np.ndarray]:
-    """Keep, per bucket of consecutive points, the min and the max of ``y`` (in time order).
-
-    At most ``2 * buckets`` points come out; series that are already short come back as is.
-    NaNs are ignored (a bucket of only NaNs yields nothing). Cost: O(len(y)), vectorised.
-    """
-    n = len(y)
-    if n <= 2 * buckets:
-        return x, y
-    size = math.ceil(n / buckets)
-    nb = math.ceil(n / size)
-    pad = nb * size - n
-    yp = np.concatenate([y, np.full(pad, np.nan)]).reshape(nb, size)
-    nan = np.isnan(yp)
-    lo = np.where(nan, np.inf, yp).argmin(axis=1)
-    hi = np.where(nan, -np.inf, yp).argmax(axis=1)
-    base = np.arange(nb) * size
-    idx = np.stack([np.minimum(lo, hi), np.maximum(lo, hi)], axis=1) + base[:, None]
-    idx = idx.ravel()
-    keep = idx < n
-    keep[1::2] &= idx[1::2] != idx[0::2]  # lo == hi: one point
-    idx = idx[keep]
-    idx = idx[~np.isnan(y[idx])]
-    return x[idx], y[idx]
 
 
 def _series(df: pd.DataFrame, name: str, steps: np.ndarray, buckets: int) -> _Series | None:
@@ -159,8 +163,28 @@ def _series(df: pd.DataFrame, name: str, steps: np.ndarray, buckets: int) -> _Se
     mask = np.isfinite(y)
     if not mask.any():
         return None
-    xs, ys = downsample_minmax(steps[mask], y[mask], buckets)
-    return _Series(name, xs, ys, total=int(mask.sum()))
+    x, y = steps[mask], y[mask]
+    if len(y) <= 2 * buckets:
+        return _Series(name, x, y, total=len(y))
+    xc, lo, mean, hi = bucket_envelope(x, y, buckets)
+    return _Series(name, xc, mean, total=len(y), lo=lo, hi=hi)
+
+
+def bucket_envelope(
+    x: np.ndarray, y: np.ndarray, buckets: int = 1000
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Cut finite ``y`` into ``buckets`` runs of consecutive points: (mean x, min, mean, max)
+    of each. Min and max keep a one-step spike visible; the mean keeps noise from turning a
+    million-point line into a solid block. O(len(y)), vectorised."""
+    n = len(y)
+    size = max(1, math.ceil(n / buckets))
+    starts = np.arange(0, n, size)
+    counts = np.diff(np.append(starts, n))
+    lo = np.minimum.reduceat(y, starts)
+    hi = np.maximum.reduceat(y, starts)
+    mean = np.add.reduceat(y, starts) / counts
+    xc = np.add.reduceat(x.astype(np.float64), starts) / counts
+    return xc, lo, mean, hi
 
 
 def _smooth(x: np.ndarray, y: np.ndarray, buckets: int) -> tuple[np.ndarray, np.ndarray]:
@@ -209,6 +233,22 @@ def finding_steps(finding: Finding) -> list[int]:
     return out[:_MAX_MARKS_PER_FINDING]
 
 
+def finding_span(finding: Finding) -> tuple[int, int] | None:
+    """The span of steps a finding judged (``evidence["step_range"]``: [first, last]), or None.
+
+    Rules that judge a stretch of the run (data stall, low utilisation, a leak …) give one;
+    it is drawn as a shaded band rather than as two lines.
+    """
+    span = finding.evidence.get("step_range") if isinstance(finding.evidence, Mapping) else None
+    if not isinstance(span, list | tuple) or len(span) != 2:
+        return None
+    a, b = span
+    ok = all(
+        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in span
+    )
+    return (int(min(a, b)), int(max(a, b))) if ok else None
+
+
 def chart_keys_for_finding(finding: Finding, available: Iterable[str]) -> list[str]:
     """Chart keys a finding belongs to, best first, restricted to the charts drawn."""
     available = list(available)
@@ -226,15 +266,22 @@ def chart_keys_for_finding(finding: Finding, available: Iterable[str]) -> list[s
 
 # ---------------------------------------------------------------- drawing
 
+# Width in inches of every chart. The SVG is scaled to its box (~540 px on a desktop, ~350 px
+# on a phone), so this sets the text size: 10 pt text reads ~10 px on a phone, ~16 px on a desktop.
+_FIG_WIDTH = 4.8
+# Mark labels closer than this fraction of the x axis are merged ("1,3") so they never overlap.
+_LABEL_GAP = 0.05
+
 
 def _figure(height: float = 3.0) -> Any:
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(5.4, height), layout="constrained")
-    return fig
+    return Figure(figsize=(_FIG_WIDTH, height), layout="constrained")
 
 
 _ID_RE = re.compile(r'\bid="([^"]+)"')
+_PATH_RE = re.compile(r'\bd="([^"]*)"')
+_DECIMALS_RE = re.compile(r"(\d\.\d\d)\d+")
 
 
 def _to_svg(fig: Any, salt: str) -> str:
@@ -251,6 +298,8 @@ def _to_svg(fig: Any, salt: str) -> str:
     svg = re.sub(r"<!--.*?-->", "", svg, flags=re.S)  # mathtext source comments
     svg = re.sub(r'\s(?:width|height)="[\d.]+pt"', "", svg[:400], count=2) + svg[400:]
     svg = re.sub(r'\sxmlns(?::xlink)?="[^"]*"', "", svg)
+    # Path coordinates to 0.01 pt (matplotlib writes 1e-6): a third less HTML, same picture.
+    svg = _PATH_RE.sub(lambda m: 'd="' + _DECIMALS_RE.sub(r"\1", m.group(1)) + '"', svg)
     ids = set(_ID_RE.findall(svg))
     if ids:
         svg = _ID_RE.sub(lambda m: f'id="{salt}-{m.group(1)}"', svg)
@@ -268,81 +317,162 @@ def _literal(text: str) -> str:
     return text.replace("$", r"\$")
 
 
-def _style_axes(ax: Any, *, ylabel: str = "") -> None:
+def _dot(x: np.ndarray) -> str | None:
+    """A marker for series too short to draw as a line (one point is an invisible line)."""
+    return "o" if len(x) < 3 else None
+
+
+def _label(name: str) -> str:
+    return _LABELS.get(name) or _literal(name)
+
+
+def _step_label(value: float, _pos: Any = None) -> str:
+    """Step ticks as 250, 20k, 1.5M: a million-step axis stays short and never uses 1e6."""
+    for unit, scale in (("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale and abs(value) >= 10_000:
+            return f"{value / scale:.4g}{unit}"
+    return f"{value:.4g}"
+
+
+def _style_axes(ax: Any, *, ylabel: str = "", xlabel: bool = True) -> None:
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]))
+    ax.xaxis.set_major_formatter(FuncFormatter(_step_label))
     ax.grid(True, color="#e0e0e0", linewidth=0.6)
-    ax.set_xlabel("step")
+    if xlabel:
+        ax.set_xlabel("step")
     if ylabel:
         ax.set_ylabel(ylabel)
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
 
 
-def _draw_marks(ax: Any, marks: Sequence[_Mark]) -> None:
+def _draw_marks(ax: Any, marks: Sequence[_Mark], *, labels: bool = True) -> None:
+    """Vertical lines (or shaded spans) at the steps findings point at, numbered above the
+    axes like the findings; labels that would overlap are merged into one ("1,3")."""
     from matplotlib.transforms import blended_transform_factory
 
+    labelled = []
+    for m in marks:
+        if m.end is not None and m.end > m.step:
+            ax.axvspan(m.step, m.end, color=m.color, alpha=0.08, linewidth=0, zorder=0)
+            ax.axvline(m.step, color=m.color, linewidth=0.8, linestyle="--", alpha=0.6, zorder=1)
+        else:
+            strong = 1.0 if m.primary else 0.6
+            ax.axvline(
+                m.step, color=m.color, linewidth=strong, linestyle="--",
+                alpha=0.85 if m.primary else 0.35, zorder=1,
+            )  # fmt: skip
+        if m.primary:
+            labelled.append(m)
+    if not labels or not labelled:
+        return
+    x0, x1 = ax.get_xlim()
+    width = abs(x1 - x0) or 1.0
+    clusters: list[list[_Mark]] = []
+    for m in sorted(labelled, key=lambda m: m.step):
+        if clusters:
+            text = ",".join(c.label for c in clusters[-1])
+            if (m.step - clusters[-1][0].step) / width < _LABEL_GAP + 0.012 * len(text):
+                clusters[-1].append(m)
+                continue
+        clusters.append([m])
     trans = blended_transform_factory(ax.transData, ax.transAxes)
-    for mark in marks:
-        ax.axvline(mark.step, color=mark.color, linewidth=1.0, linestyle="--", alpha=0.8, zorder=1)
+    for cluster in clusters:
+        names = sorted(dict.fromkeys(m.label for m in cluster), key=lambda t: (len(t), t))
+        colors = {m.color for m in cluster}
         ax.text(
-            mark.step, 1.0, mark.label, transform=trans, color=mark.color, fontsize=8,
+            cluster[0].step, 1.01, ",".join(names), transform=trans, fontsize=9,
+            color=cluster[0].color if len(colors) == 1 else "#333333", fontweight="bold",
             ha="center", va="bottom", clip_on=False,
         )  # fmt: skip
 
 
-def _legend(ax: Any) -> None:
-    handles, _ = ax.get_legend_handles_labels()
-    if handles:
-        ax.legend(loc="best", frameon=False)
+def _legend(fig: Any, axes: Sequence[Any], *, always: bool = False) -> None:
+    """One legend below the plot (never over the data); none when every panel draws a single
+    series (the chart's header and axis labels already name it)."""
+    handles, labels, crowded = [], [], False
+    for ax in axes:
+        h, lab = ax.get_legend_handles_labels()
+        crowded |= len(h) > 1 or always
+        handles.extend(h)
+        labels.extend(lab)
+    if handles and crowded:
+        ncols = min(3 if sum(len(t) for t in labels[:3]) <= 48 else 2, len(handles))
+        fig.legend(
+            handles, labels, loc="outside lower center", ncols=ncols,
+            frameon=False, fontsize=9, handlelength=1.8, columnspacing=1.2,
+        )  # fmt: skip
+
+
+def _nonfinite_markers(ax: Any, bad: np.ndarray, label: str) -> None:
+    """Crosses along the top of the axes at steps where a metric was logged NaN/Inf."""
+    if not len(bad):
+        return
+    from matplotlib.transforms import blended_transform_factory
+
+    trans = blended_transform_factory(ax.transData, ax.transAxes)
+    shown = bad[:: max(1, len(bad) // 200)]
+    ax.plot(
+        shown, np.full(len(shown), 0.96), "x", color="#b71c1c", markersize=5, transform=trans,
+        label=label, clip_on=False,
+    )  # fmt: skip
 
 
 def _loss_figure(
-    df: pd.DataFrame, steps: np.ndarray, marks: Sequence[_Mark], buckets: int, log: bool
+    df: pd.DataFrame,
+    steps: np.ndarray,
+    marks: Sequence[_Mark],
+    buckets: int,
+    log: bool,
+    xlim: tuple[float, float] | None,
 ) -> Any | None:
     train = _series(df, "train/loss", steps, buckets)
     val = _series(df, "val/loss", steps, buckets)
     if train is None and val is None:
         return None
-    fig = _figure()
+    fig = _figure(3.2)
     ax = fig.add_subplot()
     if train is not None:
         col = numeric_column(df, "train/loss")
         assert col is not None
         y = col.to_numpy()
         mask = np.isfinite(y)
-        ax.plot(train.x, train.y, color=_PALETTE[0], alpha=0.3, linewidth=0.7, label="train (raw)")
+        if train.lo is not None and train.hi is not None:
+            ax.fill_between(
+                train.x, train.lo, train.hi, color=_PALETTE[0], alpha=0.25, linewidth=0,
+                label="train (min–max per bucket)",
+            )  # fmt: skip
+        else:
+            ax.plot(
+                train.x, train.y, color=_PALETTE[0], alpha=0.35, linewidth=0.8,
+                label="train (raw)", marker=_dot(train.x),
+            )  # fmt: skip
         sx, sy = _smooth(steps[mask], y[mask], buckets)
         ax.plot(sx, sy, color=_PALETTE[0], linewidth=1.6, label="train (smoothed)")
     if val is not None:
         marker = "o" if len(val.x) <= 100 else None
         ax.plot(
-            val.x,
-            val.y,
-            color=_PALETTE[1],
-            linewidth=1.4,
-            marker=marker,
-            markersize=3,
+            val.x, val.y, color=_PALETTE[1], linewidth=1.4, marker=marker, markersize=3,
             label="validation",
-        )
-    bad = _nonfinite_steps(df, "train/loss", steps)
-    if len(bad):
-        from matplotlib.transforms import blended_transform_factory
-
-        trans = blended_transform_factory(ax.transData, ax.transAxes)
-        shown = bad[:: max(1, len(bad) // 200)]
-        ax.plot(
-            shown,
-            np.full(len(shown), 0.97),
-            "x",
-            color="#b71c1c",
-            transform=trans,
-            label="non-finite loss",
-        )
+        )  # fmt: skip
+    _nonfinite_markers(ax, _nonfinite_steps(df, "train/loss", steps), "non-finite loss")
     if log:
         ax.set_yscale("log")
     _style_axes(ax, ylabel="loss" + (" (log)" if log else ""))
+    if xlim is not None:
+        ax.set_xlim(xlim)
     _draw_marks(ax, marks)
-    _legend(ax)
+    _legend(fig, [ax], always=True)
     return fig
+
+
+def _draw_series(ax: Any, s: _Series, color: str) -> None:
+    """A line; for a bucketed series the bucket means as the line over a min–max band."""
+    if s.lo is not None and s.hi is not None:
+        ax.fill_between(s.x, s.lo, s.hi, color=color, alpha=0.25, linewidth=0)
+    ax.plot(s.x, s.y, color=color, linewidth=1.0, label=_label(s.name), marker=_dot(s.x))
 
 
 def _lines_figure(
@@ -351,34 +481,44 @@ def _lines_figure(
     *,
     ylabel: str = "",
     hline: tuple[float, str] | None = None,
-    twin: Sequence[_Series] = (),
-    twin_label: str = "",
+    lower: Sequence[_Series] = (),
+    lower_label: str = "",
     logy: bool = False,
+    from_zero: bool = False,
+    xlim: tuple[float, float] | None = None,
+    nonfinite: tuple[np.ndarray, str] | None = None,
 ) -> Any:
-    fig = _figure()
-    ax = fig.add_subplot()
+    """Lines of ``series``; ``lower`` series go to a shorter panel below with the same steps
+    (two y axes on one panel hide each other when the series move together, as MFU and
+    tokens/s do)."""
+    if lower:
+        fig = _figure(3.6)
+        ax, ax2 = fig.subplots(2, 1, sharex=True, height_ratios=(2.4, 1.0))
+    else:
+        fig = _figure()
+        ax, ax2 = fig.add_subplot(), None
     for i, s in enumerate(series):
-        ax.plot(s.x, s.y, color=_PALETTE[i % len(_PALETTE)], linewidth=1.0, label=_literal(s.name))
+        _draw_series(ax, s, _PALETTE[i % len(_PALETTE)])
     if hline is not None:
         ax.axhline(hline[0], color="#6d4c41", linestyle=":", linewidth=1.4, label=hline[1])
+    if nonfinite is not None:
+        _nonfinite_markers(ax, *nonfinite)
     if logy:
         ax.set_yscale("log")
-    _style_axes(ax, ylabel=ylabel)
-    if twin:
-        ax2 = ax.twinx()
-        for j, s in enumerate(twin, start=len(series)):
-            ax2.plot(
-                s.x, s.y, color=_PALETTE[j % len(_PALETTE)], linewidth=1.0, linestyle="--",
-                label=_literal(s.name),
-            )  # fmt: skip
-        ax2.set_ylabel(twin_label)
-        ax2.spines["top"].set_visible(False)
-        h1, l1 = ax.get_legend_handles_labels()
-        h2, l2 = ax2.get_legend_handles_labels()
-        ax.legend(h1 + h2, l1 + l2, loc="best", frameon=False)
-    else:
-        _legend(ax)
+    elif from_zero:
+        ax.set_ylim(bottom=0)
+    _style_axes(ax, ylabel=ylabel, xlabel=ax2 is None)
+    if ax2 is not None:
+        for j, s in enumerate(lower, start=len(series)):
+            _draw_series(ax2, s, _PALETTE[j % len(_PALETTE)])
+        ax2.set_ylim(bottom=0)
+        _style_axes(ax2, ylabel=lower_label)
+    if xlim is not None:
+        ax.set_xlim(xlim)
     _draw_marks(ax, marks)
+    if ax2 is not None:
+        _draw_marks(ax2, marks, labels=False)
+    _legend(fig, [ax] if ax2 is None else [ax, ax2])
     return fig
 
 
@@ -393,19 +533,23 @@ def _heatmap_figure(
     """Layers x step buckets, colour = log10 of the bucket's max (so spikes show)."""
     from matplotlib.colors import LogNorm
 
-    n = len(steps)
-    nb = max(1, min(buckets // 4, n))
-    edges = np.linspace(0, n, nb + 1).astype(np.int64)
-    rows = []
+    values = []
     for c in cols:
         col = numeric_column(df, c)
-        y = (
-            np.where(np.isfinite(col.to_numpy()), col.to_numpy(), np.nan)
-            if col is not None
-            else np.full(n, np.nan)
-        )
-        starts = edges[:-1][edges[:-1] < n]
-        filled = np.where(np.isnan(y), -np.inf, y)
+        y = col.to_numpy() if col is not None else np.full(len(steps), np.nan)
+        values.append(np.where(np.isfinite(y), y, np.nan))
+    # Only the rows that carry these metrics (a validation row in between would otherwise
+    # make an empty column), bucketed by position.
+    carried = np.zeros(len(steps), dtype=bool)
+    for y in values:
+        carried |= ~np.isnan(y)
+    steps = steps[carried]
+    n = len(steps)
+    nb = max(1, min(buckets // 4, n))
+    starts = np.unique(np.linspace(0, n, nb + 1).astype(np.int64)[:-1])
+    rows = []
+    for y in values:
+        filled = np.where(np.isnan(y[carried]), -np.inf, y[carried])
         mx = np.maximum.reduceat(filled, starts) if len(starts) else np.empty(0)
         rows.append(np.where(np.isfinite(mx), mx, np.nan))
     grid = np.ma.masked_invalid(np.vstack(rows))
@@ -426,8 +570,11 @@ def _heatmap_figure(
         grid, aspect="auto", interpolation="nearest", cmap="viridis", norm=norm, extent=extent
     )
     ax.set_yticks(range(len(cols)))
-    ax.set_yticklabels([_literal(c[len(prefix) :]) for c in cols], fontsize=7)
-    ax.set_xlabel("step")
+    ax.set_yticklabels(
+        [_literal(c[len(prefix) :]) for c in cols], fontsize=8 if len(cols) <= 16 else 7
+    )
+    _style_axes(ax)
+    ax.grid(False)
     fig.colorbar(im, ax=ax, pad=0.01)
     _draw_marks(ax, marks)
     return fig
@@ -465,9 +612,16 @@ def _marks_by_chart(
     for number, finding in enumerate(findings, start=1):
         keys = chart_keys_for_finding(finding, available)
         color = SEVERITY_COLORS.get(finding.severity, "#555555")
-        for step in finding_steps(finding):
-            for key in keys:
-                marks.setdefault(key, []).append(_Mark(step, str(number), color))
+        span = finding_span(finding)
+        if span is not None:
+            found = [_Mark(span[0], str(number), color, end=span[1])]
+        else:  # the finding's own step carries the number; its other steps are fainter
+            found = [
+                _Mark(step, str(number), color, primary=i == 0)
+                for i, step in enumerate(finding_steps(finding))
+            ]
+        for key in keys:
+            marks.setdefault(key, []).extend(found)
     return marks
 
 
@@ -487,7 +641,7 @@ def _planned(df: pd.DataFrame) -> list[str]:
     return keys
 
 
-# key -> (left-axis metrics, right-axis metrics)
+# key -> (main panel metrics, lower panel metrics)
 _SIMPLE: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "lr": (("train/lr",), ()),
     "grad-norm": (("train/grad_norm",), ("train/grad_clip_frac",)),
@@ -510,17 +664,40 @@ _SIMPLE: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 _SIMPLE_TITLES = {
     "lr": ("Learning rate", "lr", ""),
-    "grad-norm": (
-        "Gradient norm (before clipping)",
-        "global grad norm",
-        "fraction of steps clipped",
-    ),
+    "grad-norm": ("Gradient norm (before clipping)", "global grad norm", "clipped"),
     "update-ratio": ("Update / weight ratio", "|Δw| / |w|", ""),
     "throughput": ("Throughput and MFU", "tokens / s", "MFU"),
     "step-time": ("Step and data-loading time", "seconds", ""),
     "memory": ("Memory", "GB", ""),
     "utilization": ("GPU and CPU utilisation", "%", ""),
 }
+# Charts whose quantities are >= 0 and read wrong on an axis that does not start at 0 (a
+# flat 0.352 GB drawn from 0.351 looks like a leak).
+_FROM_ZERO = ("lr", "throughput", "step-time", "memory", "utilization")
+
+
+def _title(key: str, series: Sequence[_Series]) -> str:
+    """The chart title, naming only what is drawn (no "GPU" on a CPU-only run)."""
+    if key == "utilization":
+        names = {s.name for s in series}
+        gpu, cpu = "sys/gpu_util" in names, "sys/cpu_percent" in names
+        return (
+            "GPU and CPU utilisation" if gpu and cpu else ("GPU" if gpu else "CPU") + " utilisation"
+        )
+    if key == "throughput" and not any(s.name == "perf/mfu" for s in series):
+        return "Throughput"
+    return _SIMPLE_TITLES[key][0]
+
+
+def _x_range(steps: np.ndarray) -> tuple[float, float] | None:
+    """The same step axis on every chart (so charts line up), with a small margin."""
+    if len(steps) == 0:
+        return None
+    lo, hi = float(np.min(steps)), float(np.max(steps))
+    if hi <= lo:
+        return None
+    pad = 0.02 * (hi - lo)
+    return lo - pad, hi + pad
 
 
 def build_charts(
@@ -546,19 +723,22 @@ def build_charts(
     import matplotlib
 
     steps = df["step"].to_numpy(dtype=np.float64)
+    xlim = _x_range(steps)
     available = _planned(df)
     marks = _marks_by_chart(findings, available)
     if only is not None:
         wanted = set(only)
         available = [k for k in available if k in wanted]
     note = f"{len(df):,} rows" + (
-        f", drawn as min/max of {buckets:,} buckets" if len(df) > 2 * buckets else ""
+        f", drawn in {buckets:,} buckets: mean as a line, min–max as a band"
+        if len(df) > 2 * buckets
+        else ""
     )
     charts: list[Chart] = []
     with matplotlib.rc_context({"font.size": 10, "legend.fontsize": 9}):
         if "loss" in available:
-            lin = _loss_figure(df, steps, marks.get("loss", []), buckets, log=False)
-            log = _loss_figure(df, steps, marks.get("loss", []), buckets, log=True)
+            lin = _loss_figure(df, steps, marks.get("loss", []), buckets, False, xlim)
+            log = _loss_figure(df, steps, marks.get("loss", []), buckets, True, xlim)
             if lin is not None:
                 charts.append(
                     Chart(
@@ -578,16 +758,30 @@ def build_charts(
             right = _present(df, steps, right_names, buckets)
             if not left and not right:
                 continue
-            if not left:
-                left, right = right, []
-            title, ylabel, twin_label = _SIMPLE_TITLES[key]
+            _, ylabel, lower_label = _SIMPLE_TITLES[key]
+            if not left:  # only the lower panel's metric: draw it as the main one
+                left, right, ylabel = right, [], lower_label
+            title = _title(key, (*left, *right))
             hline = (clip, f"clip threshold {clip:g}") if key == "grad-norm" and clip else None
+            if key == "memory" and any(s.name.startswith("sys/gpu_mem") for s in left):
+                cap = gpu_capacity(df, meta)
+                hline = (cap[0], f"GPU capacity {cap[0]:g} GB") if cap else None
             logy = key in ("grad-norm", "update-ratio") and _wide_range(left)
+            bad = None
+            if key == "grad-norm":
+                bad = (_nonfinite_steps(df, "train/grad_norm", steps), "non-finite grad norm")
             fig = _lines_figure(
-                left, marks.get(key, []), ylabel=ylabel, hline=hline, twin=right,
-                twin_label=twin_label, logy=logy,
+                left, marks.get(key, []), ylabel=ylabel, hline=hline, lower=right,
+                lower_label=lower_label, logy=logy, from_zero=key in _FROM_ZERO, xlim=xlim,
+                nonfinite=bad,
             )  # fmt: skip
-            extra = f"; clip threshold from the run config: {clip:g}" if hline else ""
+            extra = ""
+            if hline is not None:
+                extra = (
+                    f"; clip threshold from the run config: {clip:g}"
+                    if key == "grad-norm"
+                    else "; dotted line: the GPU's memory capacity"
+                )
             charts.append(
                 Chart(
                     key=key,
@@ -608,8 +802,9 @@ def build_charts(
                 for s in series:
                     s.name = s.name[len(prefix) :]
                 fig = _lines_figure(
-                    series, marks.get(key, []), ylabel=prefix.rstrip("/"), logy=_wide_range(series)
-                )
+                    series, marks.get(key, []), ylabel=prefix.rstrip("/"),
+                    logy=_wide_range(series), xlim=xlim,
+                )  # fmt: skip
                 what = note
             else:
                 fig = _heatmap_figure(

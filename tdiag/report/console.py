@@ -16,6 +16,11 @@ from tdiag.report.summary import headline_cards
 __all__ = ["render_console"]
 
 _STYLES = {"error": "bold red", "warning": "bold yellow", "info": "cyan"}
+_MAX_RECOMMENDATION = 300  # characters: the terminal summary stays short; the HTML has it all
+
+
+def _shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1].rsplit(" ", 1)[0] + " …"
 
 
 def render_console(
@@ -64,6 +69,12 @@ def render_console(
                 Text(f.title),
             )
         console.print(table)
+        top = findings[0]
+        if top.recommendation and top.severity.value != "info":
+            console.print(
+                Text("What to do first (#1): ", style="bold")
+                + Text(_shorten(top.recommendation, _MAX_RECOMMENDATION))
+            )
     summary_line = Text()
     summary_line.append(
         f"{counts['errors']} error(s)", style=_STYLES["error"] if counts["errors"] else ""
@@ -75,7 +86,17 @@ def render_console(
     summary_line.append(f", {counts['infos']} info")
     skipped = report.get("skipped") or []
     if skipped:
-        summary_line.append(f"; {len(skipped)} analysis(es) skipped", style="dim")
+        from tdiag.report.rules import RULES
+
+        thin = len(skipped) * 2 > len(RULES)
+        summary_line.append(
+            f"; {len(skipped)} analysis(es) skipped"
+            + (" for lack of data (metrics not logged or too few points)" if thin else ""),
+            style="yellow" if thin else "dim",
+        )
+    alerts = report.get("live_alerts") or []
+    if alerts:
+        summary_line.append(f"; {len(alerts)} live alert(s) raised while training", style="dim")
     console.print(summary_line)
     for path in written:
         console.print(Text("wrote ", style="dim") + Text(str(path)))

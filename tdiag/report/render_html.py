@@ -15,7 +15,7 @@ import jinja2
 
 from tdiag.findings import Finding, count_by_severity
 from tdiag.history import write_text_atomic
-from tdiag.report.charts import Chart, chart_keys_for_finding, finding_steps
+from tdiag.report.charts import Chart, chart_keys_for_finding, finding_span, finding_steps
 from tdiag.report.summary import format_number, headline_cards
 
 __all__ = ["REPORT_HTML", "render_html", "write_report_html"]
@@ -52,6 +52,11 @@ def format_evidence(value: Any) -> str:
     return text if len(text) <= _MAX_TEXT else text[:_MAX_TEXT] + "…"
 
 
+def _label(key: Any) -> str:
+    """An evidence key as a label: ``best_val_step`` -> ``best val step``."""
+    return str(key).replace("_", " ")
+
+
 def _flatten(obj: Any, prefix: str = "") -> list[tuple[str, str]]:
     if isinstance(obj, Mapping):
         rows: list[tuple[str, str]] = []
@@ -66,7 +71,16 @@ def _finding_views(findings: Sequence[Finding], charts: Sequence[Chart]) -> list
     views = []
     for number, f in enumerate(findings, start=1):
         keys = chart_keys_for_finding(f, titles)
-        evidence = f.evidence if isinstance(f.evidence, Mapping) else {"value": f.evidence}
+        evidence = dict(f.evidence) if isinstance(f.evidence, Mapping) else {"value": f.evidence}
+        impact = evidence.pop("impact", None)
+        span = finding_span(f)  # a well-formed evidence["step_range"], shown as "a – b"
+        if span is not None:
+            evidence.pop("step_range")
+        rows = [(_label(k), format_evidence(v)) for k, v in evidence.items()]
+        if span is not None:
+            rows.insert(
+                0, ("steps judged", f"{format_evidence(span[0])} – {format_evidence(span[1])}")
+            )
         views.append(
             {
                 "number": number,
@@ -76,7 +90,8 @@ def _finding_views(findings: Sequence[Finding], charts: Sequence[Chart]) -> list
                 "message": f.message,
                 "where": f.where,
                 "step": f.step,
-                "evidence": [(str(k), format_evidence(v)) for k, v in evidence.items()],
+                "evidence": rows,
+                "impact": f"{impact:.2f}" if isinstance(impact, int | float) else None,
                 "recommendation": f.recommendation,
                 "docs": f.docs,
                 "chart_anchor": "chart-" + keys[0] if keys else None,
@@ -126,6 +141,7 @@ def render_html(
         live_alerts: Findings the Monitor raised while training (events.jsonl), listed apart.
     """
     from tdiag import __version__
+    from tdiag.report.rules import RULES
 
     meta = report.get("run") or {}
     summary = report.get("summary") or {}
@@ -141,6 +157,7 @@ def render_html(
             {"id": str(s.get("id", "?")), "reason": str(s.get("reason", ""))}
             for s in report.get("skipped") or []
         ],
+        "n_rules": len(RULES),
         "charts": list(charts),
         "chart_marks": _chart_marks(findings, charts),
         "meta_rows": _flatten(meta)[:_MAX_META_ROWS],

@@ -73,11 +73,24 @@ def logged_mask(df: pd.DataFrame, name: str) -> np.ndarray:
     if logged.all():
         return logged
     family = name.split("/", 1)[0] + "/"
-    for sibling in df.columns:
-        if sibling != name and sibling.startswith(family):
-            s = numeric_column(df, sibling)
-            if s is not None:
-                logged |= ~np.isnan(s.to_numpy())
+    siblings = [c for c in df.columns if c != name and c.startswith(family)]
+    for sibling in siblings:
+        s = numeric_column(df, sibling)
+        if s is not None:
+            logged |= ~np.isnan(s.to_numpy())
+    if siblings:
+        return logged
+    # A metric without siblings (``val/loss``) is written on a row of its own: a row that
+    # carries nothing else (``{"step": 150, "val/loss": "NaN"}``) logged it as NaN. (With
+    # siblings, an all-NaN row proves nothing: it may be another family's NaN row.)
+    maybe = np.flatnonzero(~logged)
+    for other in df.columns:  # loop over columns; the candidate rows shrink as we go
+        if not len(maybe):
+            break
+        if other in ("step", "time", name):
+            continue
+        maybe = maybe[df[other].iloc[maybe].isna().to_numpy()]
+    logged[maybe] = True
     return logged
 
 
@@ -239,7 +252,7 @@ def headline_cards(summary: Mapping[str, Any]) -> list[dict[str, str]]:
 
     tokens = _big(s.get("tokens"))
     return [
-        {"label": "Steps", "value": format_number(s.get("steps")), "sub": f"{format_number(s.get('rows'))} rows logged"},
+        {"label": "Steps", "value": format_number(s.get("steps")), "sub": f"{format_number(s.get('rows'))} row{'' if s.get('rows') == 1 else 's'} logged"},
         {"label": "Tokens", "value": tokens, "sub": "estimated from throughput" if s.get("tokens_estimated") else ""},
         {"label": "Wall time", "value": format_duration(s.get("wall_time_s")), "sub": ""},
         {"label": "Final train loss", "value": format_number(s.get("final_train_loss")), "sub": ""},

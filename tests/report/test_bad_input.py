@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -209,3 +210,34 @@ def test_block_reader_matches_a_line_by_line_reference(tmp_path, monkeypatch, se
         assert [v for v in df["note"] if isinstance(v, str)] == [
             r["note"] for r in rows if "note" in r
         ]
+
+
+def test_a_folder_of_runs_names_them(tmp_path, capsys):
+    for name in ("run-a", "run-b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "history.jsonl").write_text("\n".join(lines(5)) + "\n")
+    assert report_command(tmp_path, json_out=False, out=None, fail_on=None) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "2 run folder(s) below it" in err and "run-a" in err and "run-b" in err
+
+
+def test_one_row_says_there_is_too_little_to_judge(tmp_path, capsys):
+    code, report, html = run_report(tmp_path, lines(1)[0] + "\n")
+    assert code == 0 and len(report["skipped"]) >= 9
+    assert "No finding, but" in html and '<details class="skipped" id="skipped" open>' in html
+    out = " ".join(capsys.readouterr().out.split())
+    assert "skipped for lack of data (metrics not logged or too few points)" in out
+    fixture = Path(__file__).parent / "fixtures" / "healthy"
+    report_command(fixture, json_out=True, out=tmp_path / "healthy", fail_on=None)
+    html = (tmp_path / "healthy" / "report.html").read_text()
+    assert "No finding: nothing" in html and "No finding, but" not in html
+    assert '<details class="skipped" id="skipped">' in html
+
+
+def test_a_nan_validation_loss_on_its_own_row_is_the_final_one(tmp_path):
+    rows = [*lines(20), '{"step": 20, "val/loss": 2.5}', *lines(20, start=21)]
+    rows.append('{"step": 40, "val/loss": "NaN"}')  # the Monitor's own row for an eval
+    code, report, _ = run_report(tmp_path, "\n".join(rows) + "\n")
+    assert code == 0
+    assert report["summary"]["final_val_loss"] == "NaN"  # not the last finite one
+    assert report["summary"]["best_val_loss"] == 2.5

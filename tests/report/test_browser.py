@@ -153,8 +153,12 @@ _PROBE = """
   const wide = [...document.querySelectorAll('body *')].filter(el => {
      const r = el.getBoundingClientRect(); return r.width > 0 && r.right > doc.clientWidth + 1; })
      .slice(0, 5).map(el => el.tagName + '.' + el.className);
+  // Rendered size of the text inside the charts (tick labels, legends, mark numbers).
+  const sizes = [...document.querySelectorAll('figure.chart .lin svg text')]
+     .map(t => t.getBoundingClientRect().height).filter(h => h > 0).sort((a, b) => a - b);
+  const textPx = sizes.length ? sizes[Math.floor(sizes.length / 2)] : 0;
   return JSON.stringify({charts, imgs, broken, scrollWidth: doc.scrollWidth, clientWidth: doc.clientWidth,
-     wide, findings: document.querySelectorAll('article.finding').length, title: document.title});
+     textPx, wide, findings: document.querySelectorAll('article.finding').length, title: document.title});
 })()
 """
 
@@ -282,6 +286,9 @@ def test_report_opens_cleanly_in_chromium(tmp_path):
         assert phone["scrollWidth"] <= phone["clientWidth"] + 1, phone["wide"]
         for chart in phone["charts"]:
             assert 0 < chart["w"] <= 390 and chart["h"] > 0, chart
+        # Chart text stays legible on a phone (the SVGs scale down with their box).
+        assert phone["textPx"] >= 10, phone["textPx"]
+        assert page["textPx"] <= 24, page["textPx"]
     finally:
         dt.close()
     assert (tmp_path / "report-desktop.png").stat().st_size > 10_000

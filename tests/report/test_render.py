@@ -15,10 +15,10 @@ from rich.console import Console
 
 from tdiag.findings import Finding, Severity
 from tdiag.report.charts import (
+    bucket_envelope,
     build_charts,
     chart_keys_for_finding,
     clip_threshold,
-    downsample_minmax,
 )
 from tdiag.report.console import render_console
 from tdiag.report.render_html import render_html
@@ -99,35 +99,35 @@ def test_number_formats():
 # ---------------------------------------------------------------- downsampling
 
 
-def naive_minmax(y: np.ndarray, buckets: int) -> set[int]:
+def naive_envelope(x: np.ndarray, y: np.ndarray, buckets: int):
     size = math.ceil(len(y) / buckets)
-    keep = set()
+    out = []
     for start in range(0, len(y), size):
-        chunk = y[start : start + size]
-        if np.isnan(chunk).all():
-            continue
-        keep.add(start + int(np.nanargmin(chunk)))
-        keep.add(start + int(np.nanargmax(chunk)))
-    return keep
+        chunk, xs = y[start : start + size], x[start : start + size]
+        out.append((xs.mean(), chunk.min(), chunk.mean(), chunk.max()))
+    return [np.array(c) for c in zip(*out, strict=True)]
 
 
-def test_downsample_keeps_each_buckets_min_and_max():
+def test_bucket_envelope_matches_a_naive_loop_and_keeps_a_spike():
     rng = np.random.default_rng(1)
     y = rng.standard_normal(10_007)
     y[5_003] = 50.0  # one-step spike
-    y[100:130] = np.nan
     x = np.arange(len(y), dtype=float) * 2
-    xs, ys = downsample_minmax(x, y, buckets=100)
-    assert len(xs) <= 200
-    assert set((xs / 2).astype(int)) == naive_minmax(y, 100)
-    assert 50.0 in ys and np.all(np.diff(xs) > 0)
-    np.testing.assert_array_equal(ys, y[(xs / 2).astype(int)])
+    got = bucket_envelope(x, y, buckets=100)
+    for g, want in zip(got, naive_envelope(x, y, 100), strict=True):
+        np.testing.assert_allclose(g, want, rtol=1e-12)
+    xc, lo, mean, hi = got
+    assert len(xc) <= 100 and 50.0 in hi and np.all(np.diff(xc) > 0)
+    assert np.all(lo <= mean) and np.all(mean <= hi)
 
 
-def test_downsample_leaves_short_series_alone():
-    x, y = np.arange(10.0), np.arange(10.0) ** 2
-    xs, ys = downsample_minmax(x, y, buckets=100)
-    assert xs is x and ys is y
+def test_short_series_are_drawn_point_by_point():
+    df = pd.DataFrame({"step": np.arange(10), "train/lr": np.arange(10.0) ** 2})
+    (chart,) = build_charts(df, buckets=100, only=["lr"])
+    assert "min–max" not in chart.note
+    long = pd.DataFrame({"step": np.arange(1000), "train/lr": np.arange(1000.0)})
+    (chart,) = build_charts(long, buckets=100, only=["lr"])
+    assert "min–max as a band" in chart.note
 
 
 def test_chart_size_does_not_grow_with_rows():
@@ -251,6 +251,15 @@ def test_html_escapes_everything_that_comes_from_the_run():
     assert "<script" not in html.lower()
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert html.count("&lt;script&gt;") >= 8
+    # The folder name, skipped reasons, live alerts and a chart's metric names too.
+    report = make_report(df, [f], meta, [EVIL])
+    report["skipped"] = [{"id": EVIL, "reason": EVIL}]
+    alert = Finding(id="monitor.x", severity=Severity.ERROR, title=EVIL, message=EVIL, step=3)
+    charts = build_charts(df, meta, [f], only=["layer-grad-norms"])
+    html = render_html(report, [f], charts, source=f"runs/{EVIL}", live_alerts=[alert])
+    assert "<script" not in html.lower()
+    assert f"runs/{EVIL}".replace("<", "&lt;").replace(">", "&gt;") in html
+    assert html.count("&lt;script&gt;") >= 12
 
 
 def test_html_is_self_contained_with_unique_ids():
@@ -308,3 +317,38 @@ def test_console_summary_shows_numbers_and_findings_literally():
     assert "Final train loss" in out and "300" in out
     assert "train.loss-spikes" in out and "weird [bold]title[/bold]" in out
     assert "1 error(s), 0 warning(s), 0 info" in out
+
+
+def test_console_names_the_first_thing_to_do_and_the_live_alerts():
+    f = finding(recommendation="Lower the LR " + "x " * 300, step=7)
+    info = finding("perf.low-mfu", Severity.INFO, recommendation="Use bf16")
+    report = make_report(findings=[f, info])
+    report["live_alerts"] = [{"id": "train.nonfinite-loss"}]
+    buf = io.StringIO()
+    render_console(Console(file=buf, width=100, color_system=None), report, [f, info])
+    out = " ".join(buf.getvalue().split())
+    assert "What to do first (#1): Lower the LR" in out and "Use bf16" not in out
+    assert len(out) < 2000  # the long recommendation is cut: the HTML has it all
+    assert "1 live alert(s) raised while training" in out
+    buf = io.StringIO()  # only an info: no "what to do first"
+    render_console(
+        Console(file=buf, width=100, color_system=None), make_report(findings=[info]), [info]
+    )
+    assert "What to do first" not in buf.getvalue()
+
+
+def test_summary_treats_a_row_of_only_one_metric_as_logged():
+    df = pd.DataFrame(
+        {
+            "step": [1, 2, 3],
+            "train/loss": [3.0, 2.0, 1.0],
+            "train/lr": [1e-3, 1e-3, 1e-3],
+            "sys/rss_gb": [1.0, 1.0, 1.0],
+            "val/loss": [np.nan, 2.5, np.nan],
+        }
+    )
+    assert summarize(df)["final_val_loss"] == 2.5  # the NaN on step 3 is only absence
+    own_row = pd.DataFrame({"step": [4], "val/loss": [np.nan]})
+    df2 = pd.concat([df, own_row], ignore_index=True)
+    assert math.isnan(summarize(df2)["final_val_loss"])  # a row of its own: a logged NaN
+    assert summarize(df2)["best_val_loss"] == 2.5 and summarize(df2)["final_train_loss"] == 1.0

@@ -69,7 +69,7 @@ def straggler(df: pd.DataFrame, meta: dict[str, Any]) -> list[Finding]:
                 "median_step_time_min_s": r(float(both.iloc[:, 1].median())),
                 "slowest_rank": rank,
                 "slowest_rank_share": r(share) if share is not None else None,
-                "steps": [int(both.index[0]), int(both.index[-1])],
+                "step_range": [int(both.index[0]), int(both.index[-1])],
                 "note": "per-rank times include all-reduce waits: the gap understates the delay",
                 "impact": clamp01(med),
             },

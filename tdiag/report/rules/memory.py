@@ -3,6 +3,7 @@ Thresholds are named constants; each says why it has its value."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import pandas as pd
@@ -34,7 +35,7 @@ LEAK_R2 = 0.8
 LEAK_MIN_POINTS = 10
 
 
-def _capacity(df: pd.DataFrame, meta: dict[str, Any]) -> tuple[float, str] | None:
+def gpu_capacity(df: pd.DataFrame, meta: Mapping[str, Any] | None) -> tuple[float, str] | None:
     """GPU memory capacity in GB: meta.environment.gpu_mem_total_gb first (what the Monitor
     records once), else the largest value of a sys/gpu_mem_total_gb column."""
     cap = meta_float(
@@ -53,7 +54,7 @@ def near_capacity(df: pd.DataFrame, meta: dict[str, Any]) -> list[Finding]:
     used_name = next((n for n in (GPU_PEAK, GPU_RESERVED, GPU_ALLOC) if an.has_metric(df, n)), None)
     if used_name is None:
         raise SkipRule("no GPU memory metric in history")
-    cap = _capacity(df, meta)
+    cap = gpu_capacity(df, meta)
     if cap is None:
         raise SkipRule(
             f"GPU memory capacity unknown (no meta environment.gpu_mem_total_gb or {GPU_TOTAL})"
@@ -125,7 +126,7 @@ def leak(df: pd.DataFrame, meta: dict[str, Any]) -> list[Finding]:
                     "growth_gb": r(growth),
                     "gb_per_1k_steps": r(per_1k),
                     "r2": r(fit.r2),
-                    "steps": [int(s.index[0]), int(s.index[-1])],
+                    "step_range": [int(s.index[0]), int(s.index[-1])],
                     "impact": clamp01(growth / max(level, 1e-9)),
                 },
                 recommendation=(

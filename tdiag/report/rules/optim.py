@@ -280,7 +280,7 @@ def clipping_frequent(df: pd.DataFrame, meta: dict[str, Any]) -> list[Finding]:
     evidence: dict[str, Any] = {
         "clipped_frac": r(frac),
         "source": source,
-        "steps": [int(frac_series.index[0]), int(frac_series.index[-1])],
+        "step_range": [int(frac_series.index[0]), int(frac_series.index[-1])],
         "impact": clamp01(frac * (min(ratio, 10.0) / 10.0 if math.isfinite(ratio) else 0.5)),
     }
     rec = "Raise the clip threshold so that it only catches outliers"

@@ -62,7 +62,7 @@ def gpu_underutilized(df: pd.DataFrame, meta: dict[str, Any]) -> list[Finding]:
         "median_gpu_util_pct": r(med),
         "p90_gpu_util_pct": r(float(np.quantile(util.to_numpy(), 0.9))),
         "low_frac": r(low_frac),
-        "steps": [int(util.index[0]), int(util.index[-1])],
+        "step_range": [int(util.index[0]), int(util.index[-1])],
         "impact": clamp01(1.0 - med / 100.0),
     }
     dt = an.metric(df, DATA_TIME)
@@ -115,7 +115,7 @@ def data_stall(df: pd.DataFrame, meta: dict[str, Any]) -> list[Finding]:
                 "median_data_time_s": r(med_dt),
                 "median_step_time_s": r(med_st),
                 "data_frac": r(frac),
-                "steps": [int(dt.index[0]), int(dt.index[-1])],
+                "step_range": [int(dt.index[0]), int(dt.index[-1])],
                 "impact": clamp01(frac),
             },
             recommendation=(
@@ -212,7 +212,7 @@ def low_mfu(df: pd.DataFrame, meta: dict[str, Any]) -> list[Finding]:
             evidence={
                 "median_mfu": r(med),
                 "device": kind,
-                "steps": [int(mfu.index[0]), int(mfu.index[-1])],
+                "step_range": [int(mfu.index[0]), int(mfu.index[-1])],
                 "impact": clamp01(1.0 - med / MFU_INFO),
             },
             recommendation=(
