@@ -1,0 +1,25 @@
+"""The Monitor: watch a training loop at almost no cost (Contract 5 in DESIGN.md).
+
+```python
+from tdiag import Monitor
+with Monitor(model, optimizer=opt, run_dir="reports/my-run", log_every=10) as mon:
+    for batch in loader:
+        ...
+        mon.step(loss, tokens=batch.numel())
+```
+"""
+
+from __future__ import annotations
+
+from tdiag.monitor.alerts import nonfinite_findings
+from tdiag.monitor.monitor import Monitor, MonitorConfig, NonFiniteError
+from tdiag.monitor.recorder import FLIGHT_RECORDER_FILE, FlightRecorder
+
+__all__ = [
+    "FLIGHT_RECORDER_FILE",
+    "FlightRecorder",
+    "Monitor",
+    "MonitorConfig",
+    "NonFiniteError",
+    "nonfinite_findings",
+]

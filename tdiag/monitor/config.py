@@ -1,0 +1,96 @@
+"""The Monitor's options, validated once at construction."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["MonitorConfig", "infer_clip"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class MonitorConfig:
+    """The Monitor's options (keyword arguments of :class:`Monitor`)."""
+
+    run_dir: str | Path = "reports/run"
+    """Run folder: history.jsonl, meta.json, events.jsonl, TensorBoard files, the report."""
+    log_every: int = 10
+    """Steps per log interval; step 1 is also logged. Host syncs happen on log steps only."""
+    total_steps: int | None = None
+    """Planned number of steps (progress bar and ETA)."""
+    watch: str | None = None
+    """None, or "layers": per-layer grad norms, activation RMS, attention, logits (log steps)."""
+    tensorboard: bool = True
+    """Write TensorBoard event files under the run folder."""
+    wandb: dict[str, Any] | None = None
+    """``wandb.init`` keyword arguments (e.g. ``dict(project=...)``); None: no wandb."""
+    console: bool | str = "auto"
+    """"auto"/True: live console (bar on a TTY, plain lines otherwise); False: none."""
+    quiet: bool = False
+    """Console prints only error-level Findings."""
+    strict: bool = False
+    """Check the loss/grad norm every step (one host sync per step) and raise NonFiniteError."""
+    seq_len: int | None = None
+    """Tokens per sequence for the FLOP count (default: read from the first forward's input)."""
+    flight_recorder: int = 200
+    """Steps kept by the flight recorder (0: off)."""
+    report: bool = True
+    """Build the report (report.json/html) on close, when tdiag.report is available."""
+    clip: float | None = None
+    """Gradient clipping threshold, for train/grad_clip_frac (default: from config's grad_clip...)."""
+    update_ratio: bool = True
+    """Measure ||Δθ||/||θ|| on log steps (one transient copy of the parameters)."""
+    system: bool = True
+    """Sample CPU/RSS/GPU utilisation in a background thread."""
+    system_interval_s: float = 5.0
+    """Seconds between system samples."""
+    peak_flops: float | None = None
+    """Peak FLOP/s of one device for MFU (default: tdiag's table, or measured on CPU)."""
+    handle_signals: bool = True
+    """Turn SIGTERM/SIGINT into a flag (``stop_requested``), flush, report, exit 143/130."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.log_every, int) or self.log_every < 1:
+            raise ValueError(f"log_every must be an int >= 1, got {self.log_every!r}")
+        if self.watch not in (None, "layers"):
+            raise ValueError(f"watch must be None or 'layers', got {self.watch!r}")
+        if self.total_steps is not None and self.total_steps < 0:
+            raise ValueError(f"total_steps must be >= 0, got {self.total_steps!r}")
+        if self.console not in (True, False, "auto"):
+            raise ValueError(f"console must be 'auto', True or False, got {self.console!r}")
+        if self.flight_recorder < 0:
+            raise ValueError(f"flight_recorder must be >= 0, got {self.flight_recorder!r}")
+        if self.clip is not None and not self.clip > 0:
+            raise ValueError(f"clip must be > 0, got {self.clip!r}")
+        if self.wandb is not None and not isinstance(self.wandb, Mapping):
+            raise TypeError(f"wandb must be a dict of wandb.init arguments, got {self.wandb!r}")
+
+
+_CLIP_KEYS = ("grad_clip", "clip_grad_norm", "max_grad_norm", "clip_grad", "gradient_clip_val")
+
+
+def infer_clip(config: Any) -> float | None:
+    """The clipping threshold from a run config dict (first positive of ``_CLIP_KEYS``)."""
+    if not isinstance(config, Mapping):
+        return None
+    for key in _CLIP_KEYS:
+        value = config.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+            return float(value)
+    return None
+
+
+def build_sinks(options: MonitorConfig, extra: Sequence[Any] = ()) -> list[Any]:
+    """The sinks the options switch on (history/events always), then ``extra``."""
+    from tdiag.monitor.sinks import ConsoleSink, JsonlSink, TensorBoardSink, WandbSink
+
+    sinks: list[Any] = [JsonlSink()]
+    if options.tensorboard:
+        sinks.append(TensorBoardSink())
+    if options.wandb is not None:
+        sinks.append(WandbSink(**dict(options.wandb)))
+    if options.console:
+        sinks.append(ConsoleSink(total_steps=options.total_steps, quiet=options.quiet))
+    return sinks + list(extra)

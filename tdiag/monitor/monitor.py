@@ -1,0 +1,399 @@
+"""The Monitor: two lines in a training loop, a run folder out (Contract 5 in DESIGN.md).
+
+``step()`` on a non-log step does a handful of device ops (copy the loss — and the loop's
+gradient norm, if given — into preallocated buffers) and one ``time.perf_counter()``; no
+host sync. On a log step the gradient/update probe and (``watch="layers"``) the per-layer
+hooks, armed just before that step, have left their values on the device; everything is
+brought to the host at once (one ``tolist``; under torchrun one ``all_gather`` first),
+turned into metrics, and written by the sinks (rank 0 only). The logic lives in
+``metrics.py``, ``layers.py``, ``distributed.py``, ``recorder.py`` and ``runinfo.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tdiag.history import META_FILE, write_json_atomic
+from tdiag.monitor import alerts
+from tdiag.monitor.alerts import NonFiniteError
+from tdiag.monitor.callbacks import CallbackAliases
+from tdiag.monitor.config import MonitorConfig, build_sinks, infer_clip
+from tdiag.monitor.distributed import gather_rows, rank_info, step_time_metrics
+from tdiag.monitor.metrics import (
+    DeviceBatch,
+    IntervalAccumulator,
+    learning_rates,
+    summarize_interval,
+)
+from tdiag.monitor.probe import GradientProbe
+from tdiag.monitor.recorder import FlightRecorder
+from tdiag.monitor.runinfo import SignalFlag, build_meta, guarded, model_device, write_end_meta
+from tdiag.monitor.sinks import MultiSink, NullSink, Sink
+from tdiag.monitor.system import cuda_memory_stats
+
+__all__ = ["Monitor", "MonitorConfig", "NonFiniteError"]
+
+logger = logging.getLogger(__name__)
+
+
+class Monitor(CallbackAliases):
+    """Watch a training loop; write metrics, live Findings and a report into a run folder.
+
+    Args:
+        model: the model being trained (``nn.Module``; DDP/FSDP-wrapped is fine).
+        optimizer: its optimizer (for LRs, the gradient norm and the update ratio).
+        config: the run's config (a dict; stored in meta.json).
+        sinks: extra sinks (rank 0 only), besides those the options switch on.
+        **options: see :class:`MonitorConfig` (``run_dir``, ``log_every``, ``watch`` …).
+
+    Raises:
+        ValueError/TypeError: an invalid option, naming the value.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: Any = None,
+        *,
+        config: Any = None,
+        sinks: Sequence[Sink] = (),
+        **options: Any,
+    ) -> None:
+        self.options = MonitorConfig(**options)
+        self.model, self.optimizer, self.config = model, optimizer, config
+        self.run_dir = Path(self.options.run_dir)
+        self.rank = rank_info()
+        self.clip = self.options.clip if self.options.clip is not None else infer_clip(config)
+        self.device = model_device(model)
+        self._step = 0
+        self._closed = False
+        self.status = "running"  # then completed | signal | exception | nonfinite
+        self._alerted: set[str] = set()
+        self.findings: list[Any] = []  # live Findings raised (on every rank)
+        self.last_metrics: dict[str, float] = {}  # the last logged row (on every rank)
+        self.tokens_total = 0.0
+        self._acc = IntervalAccumulator(self.options.log_every)
+        self.recorder = FlightRecorder(self.options.flight_recorder)
+        self._names = {id(p): n for n, p in model.named_parameters()}
+        layers = self.options.watch == "layers"
+        self._probe = GradientProbe(
+            optimizer, self._names, update_ratio=self.options.update_ratio, per_tensor=layers
+        )
+        self._watcher = None
+        if layers:
+            from tdiag.monitor.layers import LayerWatcher
+
+            self._watcher = LayerWatcher(model)
+        self._signals = SignalFlag()
+        self._signal_step: int | None = None
+        self._mfu = alerts.MfuMeter(self)
+        self._sampler: Any = None
+        self._await_forward = False
+        self._t_return = time.perf_counter()
+        self._forward_seen: float | None = None
+        self._root_hook = model.register_forward_pre_hook(self._on_forward, with_kwargs=True)
+        self.sinks = MultiSink(
+            build_sinks(self.options, sinks) if self.rank.is_main else [NullSink()]
+        )
+        self._open()
+
+    # -- setup -----------------------------------------------------------------------------
+    def _open(self) -> None:
+        meta = guarded(lambda: build_meta(monitor=self), "collecting run metadata") or {}
+        self.meta = meta
+        if self.rank.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            guarded(lambda: write_json_atomic(self.run_dir / META_FILE, meta), "writing meta.json")
+        self.sinks.open(self.run_dir, meta)
+        if self.options.system:
+            from tdiag.monitor.system import SystemSampler
+
+            self._sampler = guarded(
+                lambda: SystemSampler(self.options.system_interval_s, self.device).start(),
+                "starting the system sampler",
+            )
+        if self.options.handle_signals:
+            self._signals.install()
+        self._t_prev_log = time.perf_counter()
+        self._arm()  # step 1 is a log step
+
+    def _on_forward(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        # Data time: from the previous step() return to the first forward of the next step.
+        if self._await_forward:
+            self._forward_seen = time.perf_counter()
+            self._await_forward = False
+        if not self._mfu.input_seen:
+            guarded(lambda: self._mfu.observe_forward(module, args, kwargs), "reading the input")
+
+    def _is_log_step(self, step: int) -> bool:
+        return step == 1 or step % self.options.log_every == 0
+
+    def _arm(self) -> None:
+        self._probe.reset()
+        self._probe.armed = True
+        if self._watcher is not None:
+            guarded(self._watcher.arm, "attaching the layer hooks")
+
+    # -- the loop's calls ------------------------------------------------------------------
+    def step(
+        self,
+        loss: torch.Tensor | float | None,
+        *,
+        tokens: int | torch.Tensor | None = None,
+        grad_norm: torch.Tensor | float | None = None,
+        data_time: float | None = None,
+    ) -> None:
+        """Record one optimizer step. No host sync except on log steps (and every step with
+        ``strict=True``).
+
+        Args:
+            loss: this step's loss (a tensor; not ``.item()``-ed) or a float.
+            tokens: tokens processed this step on this rank (int or tensor).
+            grad_norm: the global gradient norm before clipping, if the loop has it
+                (``clip_grad_norm_`` returns it): taken instead of computing it again.
+            data_time: seconds the loop spent fetching this step's batch (default: measured
+                from the previous ``step()`` return to the model's next forward).
+
+        Raises:
+            NonFiniteError: with ``strict=True``, on a NaN/Inf loss or gradient norm.
+            SystemExit: 143/130 on the second ``step()`` after SIGTERM/SIGINT (the loop did
+                not stop on ``stop_requested``), after flushing and writing the report.
+        """
+        if self._closed:
+            return
+        now = time.perf_counter()
+        self._step += 1
+        if data_time is None and self._forward_seen is not None:
+            data_time = self._forward_seen - self._t_return
+        self._forward_seen = None
+        try:
+            self._acc.add(loss, tokens=tokens, grad_norm=grad_norm, data_time=data_time)
+            self._acc.step_times.append(now - self._t_return)
+        except Exception as exc:  # a monitoring failure never stops training
+            logger.warning("tdiag: could not record step %d (%r)", self._step, exc)
+        if self.options.strict:
+            self._strict_check(loss, grad_norm)
+        if self._signals.signum is not None:
+            self._on_signal()
+        elif self._is_log_step(self._step) or self._acc.n >= self._acc.capacity:
+            guarded(self._log_step, f"logging step {self._step}")
+        if self._is_log_step(self._step + 1):
+            self._arm()
+        self._await_forward = True
+        self._t_return = time.perf_counter()
+
+    def log(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        """Write extra metrics (e.g. ``{"val/loss": v}``) at ``step`` (default: the current
+        step). Tensor values are read with ``float()`` (a host sync): call it on rare steps."""
+        if self._closed:
+            return
+        row = {str(k): float(v) for k, v in metrics.items()}  # host sync for tensor values
+        at = self._step if step is None else int(step)
+        self.recorder.record(at, row)
+        self.sinks.write(at, row)
+
+    def close(self) -> None:
+        """Flush the pending interval, close the sinks, update meta.json, build the report.
+
+        After SIGTERM/SIGINT it then raises ``SystemExit(128 + signum)`` (143 / 130).
+        Idempotent; never raises anything else.
+        """
+        if self._closed:
+            return
+        self._finish(None)
+        code = self._signals.exit_code
+        if code is not None:
+            raise SystemExit(code)
+
+    @property
+    def stop_requested(self) -> bool:
+        """True once SIGTERM/SIGINT was received: the loop should save and break."""
+        return self._signals.signum is not None
+
+    @property
+    def perf_info(self) -> dict[str, Any]:
+        """FLOPs per token, peak FLOP/s and its source, or why there is no MFU."""
+        return self._mfu.to_meta()
+
+    @property
+    def global_step(self) -> int:
+        """Steps recorded so far (the ``step`` of the last history row logged by ``step()``)."""
+        return self._step
+
+    # -- log steps -------------------------------------------------------------------------
+    def _log_step(self, *, final: bool = False) -> dict[str, float]:
+        """Bring the interval to the host (one sync), compute, write, check for NaN/Inf.
+        ``final``: a flush at close/signal/strict stop, without a collective."""
+        n = self._acc.n
+        if n == 0:
+            return {}
+        first_step = self._step - n + 1
+        collective = self.rank.distributed and not final
+        try:
+            host, layout, mem, elapsed, tensor_names = self._gather(n, collective)
+            summary = self._acc.summary(host)
+            metrics = self._interval_metrics(host, summary, layout, mem, elapsed, tensor_names)
+        finally:  # even if something failed: a fresh interval, no hook left attached
+            self._acc.reset()
+            self._probe.armed = False
+            if self._watcher is not None:
+                self._watcher.disarm()
+        for i in range(n):
+            self.recorder.record(first_step + i, alerts.step_row(summary, i))
+        self.recorder.record(self._step, metrics)
+        self.sinks.write(self._step, metrics)
+        self.last_metrics = metrics
+        where = self._watcher.first_nonfinite_module(host, layout) if layout else None
+        self._check_nonfinite(summary, metrics, first_step, where)
+        return metrics
+
+    def _gather(self, n: int, collective: bool) -> tuple[dict[str, Any], Any, dict, float, list]:
+        batch = DeviceBatch()
+        self._acc.add_to(batch)
+        if self._probe.armed and not self._probe.done and self._probe.enabled:
+            self._probe.measure_grads(list(self.model.parameters()))  # no optimizer hook fired
+        self._probe.add_to(batch)
+        layout = self._watcher.add_to(batch) if self._watcher and self._watcher.armed else None
+        local_elapsed = time.perf_counter() - self._t_prev_log
+        batch.add("host/step_time", local_elapsed / n, "all")
+        batch.add("host/tokens", float(self._acc.tokens), "sum")
+        mem = guarded(lambda: cuda_memory_stats(self.device), "reading CUDA memory") or {}
+        for key, value in mem.items():
+            batch.add(key, value, "max")
+        rows = (
+            gather_rows(batch.pack(with_host=True), self.rank)
+            if collective
+            else [batch.pack().tolist()]  # host sync (the one per log step)
+        )
+        host = batch.unpack(rows, with_host=collective)
+        now = time.perf_counter()
+        elapsed, self._t_prev_log = now - self._t_prev_log, now
+        if self._watcher is not None:
+            self._watcher.disarm()
+        self._probe.armed = False
+        tensor_names = self._probe.tensor_names
+        self._probe.reset()
+        return host, layout, mem, elapsed, tensor_names
+
+    def _interval_metrics(
+        self, host: dict, summary: Any, layout: Any, mem: dict, elapsed: float, names: list
+    ) -> dict[str, float]:
+        tokens = host["host/tokens"][0] + sum(host.get("acc/tokens", [0.0]))
+        self.tokens_total += tokens
+        metrics = GradientProbe.metrics(host, names)
+        metrics.update(summarize_interval(summary, clip=self.clip, tokens=tokens, elapsed=elapsed))
+        metrics["train/tokens"] = self.tokens_total
+        metrics.update(guarded(lambda: learning_rates(self.optimizer), "reading the LR") or {})
+        if layout is not None:
+            metrics.update(self._watcher.metrics(host, layout))
+        metrics.update(self._mfu.metrics(metrics.get("perf/tokens_per_sec"), self.rank.world_size))
+        self._t_prev_log += self._mfu.setup_seconds  # the one-time FLOP/peak set-up is not a step
+        self._mfu.setup_seconds = 0.0
+        metrics.update({k: host[k][0] for k in mem})
+        if self._sampler is not None:
+            metrics.update(guarded(self._sampler.latest, "reading system metrics") or {})
+        metrics.update(step_time_metrics([r[0] for r in host["host/step_time"]]))
+        return metrics
+
+    # -- live detection --------------------------------------------------------------------
+    def _check_nonfinite(
+        self, summary: Any, metrics: Mapping[str, float], first: int, where: str | None
+    ) -> None:
+        findings = alerts.nonfinite_findings(summary, metrics, first, self._step, where)
+        findings = [f for f in findings if f.id not in self._alerted]
+        if not findings:
+            return
+        if where is None:
+            where = guarded(lambda: alerts.first_nonfinite_param(self.model), "locating NaN")
+            findings = [f if f.where else alerts.with_where(f, where) for f in findings]
+        for f in findings:
+            self._alerted.add(f.id)
+            self.findings.append(f)
+            self.sinks.event(f)
+        self.status = "nonfinite"
+        if self.rank.is_main:
+            guarded(
+                lambda: self.recorder.dump(
+                    self.run_dir, reason=findings[0].id, step=findings[0].step
+                ),
+                "writing the flight recorder",
+            )
+
+    def _strict_check(self, loss: Any, grad_norm: Any) -> None:
+        vals = [v for v in (loss, grad_norm) if isinstance(v, torch.Tensor)]
+        if not vals:
+            return
+        ok = torch.stack([v.detach().float().sum() for v in vals])
+        if bool(torch.isfinite(ok).all()):  # host sync: strict mode checks every step
+            return
+        metrics = guarded(lambda: self._log_step(final=True), "logging the non-finite step") or {}
+        self._finish(None)
+        raise NonFiniteError(
+            f"non-finite loss or gradient norm at step {self._step} (strict=True): "
+            f"loss={metrics.get('train/loss_last')}, grad_norm={metrics.get('train/grad_norm')}"
+        )
+
+    def _on_signal(self) -> None:
+        if self._signal_step is None:
+            self._signal_step = self._step
+            logger.warning(
+                "tdiag: signal %s received; flushing (stop_requested is set)", self._signals.signum
+            )
+            guarded(lambda: self._log_step(final=True), "flushing after a signal")
+            return
+        self.close()  # the loop went on: finish and exit with 128 + signum
+
+    # -- shutdown --------------------------------------------------------------------------
+    def _finish(self, exc: BaseException | None) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._acc.n:
+            guarded(lambda: self._log_step(final=True), "flushing the last interval")
+        if isinstance(exc, SystemExit) and exc.code in (0, None):
+            exc = None  # sys.exit(0) inside the block is a normal end, not a crash
+        if exc is not None:
+            self.status = "exception"
+            if self.rank.is_main:
+                detail = f"{type(exc).__name__}: {exc}"
+                guarded(
+                    lambda: self.recorder.dump(
+                        self.run_dir, reason="exception", step=self._step, detail=detail
+                    ),
+                    "writing the flight recorder",
+                )
+        elif self._signals.signum is not None:
+            self.status = "signal"
+        elif self.status == "running":
+            self.status = "completed"
+        if self._watcher is not None:
+            self._watcher.disarm()
+        self._probe.remove()
+        self._root_hook.remove()
+        if self._sampler is not None:
+            guarded(self._sampler.stop, "stopping the system sampler")
+        self.sinks.close()
+        if self.rank.is_main:
+            guarded(lambda: write_end_meta(self), "updating meta.json")
+            if self.options.report:
+                alerts.build_report_safely(self.run_dir)
+        self._signals.restore()
+
+    # -- context manager, callback aliases, resume -----------------------------------------
+    def __enter__(self) -> Monitor:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if self._closed:
+            return
+        self._finish(exc)
+        code = self._signals.exit_code
+        if exc is None and code is not None:
+            raise SystemExit(code)

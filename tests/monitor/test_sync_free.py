@@ -1,0 +1,79 @@
+"""The per-step path of the Monitor does no host sync; a log step does exactly one.
+
+Tensor methods that copy to the host (``item``, ``tolist``, ``cpu``, ``numpy``, ``__float__``,
+``__int__``, ``__bool__``) are patched to count the calls made *from tdiag's code* while a
+real training loop runs. (torch's own optimizer may call ``.item()`` on its CPU step counter;
+that is not ours, so calls are attributed by the calling frame's file.)
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import tdiag
+from tdiag import Monitor
+
+from .conftest import quiet_options, train_loop
+
+TDIAG_DIR = str(Path(tdiag.__file__).parent)
+HOST_METHODS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__")
+
+
+@pytest.fixture
+def sync_counter(monkeypatch):
+    calls: list[str] = []
+
+    def wrap(name, original):
+        def counted(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(TDIAG_DIR):
+                calls.append(f"{name} from {caller}:{sys._getframe(1).f_lineno}")
+            return original(self, *args, **kwargs)
+
+        return counted
+
+    for name in HOST_METHODS:
+        monkeypatch.setattr(torch.Tensor, name, wrap(name, getattr(torch.Tensor, name)))
+    return calls
+
+
+@pytest.mark.parametrize("watch", [None, "layers"])
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_no_host_sync_between_log_steps(tmp_path, tiny_gpt, sync_counter, watch, clip):
+    log_every = 5
+    per_step: dict[int, list[str]] = {}
+    seen = [0]
+
+    def on_step(step, model):
+        per_step[step] = sync_counter[seen[0] :]
+        seen[0] = len(sync_counter)
+
+    opt = torch.optim.AdamW(tiny_gpt.parameters(), lr=1e-3)
+    opts = quiet_options(tmp_path, log_every=log_every, watch=watch, config={"grad_clip": clip})
+    with Monitor(tiny_gpt, opt, **opts) as mon:
+        train_loop(tiny_gpt, mon, 17, opt=opt, clip=clip, on_step=on_step)
+    for step, calls in per_step.items():
+        if step == 1 or step % log_every == 0:
+            assert len(calls) == 1 and calls[0].startswith("tolist"), (step, calls)
+        else:
+            assert calls == [], (step, calls)
+    assert mon.last_metrics["train/loss"] > 0  # the log steps did log
+
+
+def test_strict_mode_syncs_every_step(tmp_path, tiny_gpt, sync_counter):
+    per_step: dict[int, int] = {}
+    seen = [0]
+
+    def on_step(step, model):
+        per_step[step] = len(sync_counter) - seen[0]
+        seen[0] = len(sync_counter)
+
+    opt = torch.optim.SGD(tiny_gpt.parameters(), lr=1e-2)
+    with Monitor(tiny_gpt, opt, **quiet_options(tmp_path, log_every=4, strict=True)) as mon:
+        train_loop(tiny_gpt, mon, 6, opt=opt, on_step=on_step)
+    assert per_step[2] == 1 and per_step[3] == 1  # the strict finiteness check
+    assert per_step[4] == 2  # strict check + the log step's transfer
