@@ -3,30 +3,46 @@
 Every way a file can fail to load or run becomes a :class:`LoadError` whose message names
 the cause in one paragraph and shows only the user's own frames of the traceback (never
 tdiag's or torch's internals). ``tdiag check`` turns a LoadError into exit code 2.
+
+The batch (:mod:`tdiag.debug.batches`) and the errors and deadline
+(:mod:`tdiag.debug.usercode`) live in their own modules; their public names are
+re-exported here.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import importlib.util
 import logging
-import math
-import signal
 import sys
-import threading
-import time
-import traceback
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
 from pathlib import Path
-from types import FrameType, ModuleType
+from types import ModuleType
 from typing import Any
 
 import torch
 from torch import nn
 
-from tdiag.debug.context import CheckContext, ModelOutputError
-from tdiag.findings import TdiagError
+from tdiag.debug.batches import (
+    BATCH_NAMES,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_SEQ_LEN,
+    config_of,
+    config_value,
+    file_batch,
+    ids_out_of_range,
+    normalise_batch,
+    random_batch,
+    to_device,
+)
+from tdiag.debug.context import (
+    TARGET_PARAM_NAMES,
+    CheckContext,
+    ModelOutputError,
+    forward_params,
+    loss_from_output,
+)
+from tdiag.debug.usercode import LoadError, deadline, fail, user_traceback
 
 __all__ = [
     "BATCH_NAMES",
@@ -37,92 +53,13 @@ __all__ = [
     "deadline",
     "load_target",
     "parse_target",
+    "user_traceback",
 ]
 
 logger = logging.getLogger(__name__)
 
 #: Factories looked up, in this order, when the target names none (Contract 1).
 FACTORY_NAMES = ("build_model", "get_model", "create_model")
-#: Batch functions looked up, in this order.
-BATCH_NAMES = ("get_batch", "make_batch", "example_batch")
-#: Config attributes giving the model's context length, in this order.
-SEQ_LEN_ATTRS = ("max_seq_len", "block_size", "n_positions", "max_position_embeddings")
-#: Random batches when the file has no batch function.
-DEFAULT_BATCH_SIZE = 4  # >= 2 so that checks comparing samples (batch.mixing) have two
-DEFAULT_SEQ_LEN = 64  # Contract 1's length when the config says nothing
-#: Cap on the length of a random batch read from the config: a GPT-2 config says 1024, and
-#: every check runs a few forwards; 128 positions exercise the same code in a fraction of the
-#: time. ``--seq-len`` overrides it.
-MAX_RANDOM_SEQ_LEN = 128
-
-
-class LoadError(TdiagError):
-    """The model file could not be loaded or run.
-
-    Attributes:
-        cause: a short stable key: missing-file, not-python, syntax-error, import-error,
-            no-factory, factory-raised, not-a-module, no-vocab, batch-raised, bad-batch,
-            forward-raised, bad-output, timeout, bad-device.
-        message: one paragraph naming the cause.
-        user_traceback: the user's frames of the traceback ("" when none).
-    """
-
-    def __init__(self, message: str, *, cause: str, user_traceback: str = "") -> None:
-        super().__init__(message)
-        self.message = message
-        self.cause = cause
-        self.user_traceback = user_traceback
-
-    def __str__(self) -> str:
-        if self.user_traceback:
-            return f"{self.message}\n\n{self.user_traceback.rstrip()}"
-        return self.message
-
-
-class _Alarm(BaseException):
-    """Raised by the SIGALRM handler. A BaseException so that a user's ``except Exception``
-    inside a looping forward cannot swallow it."""
-
-
-# -- traceback filtering ---------------------------------------------------------------------
-
-
-def _is_user_frame(filename: str, user_dir: Path) -> bool:
-    try:
-        p = Path(filename).resolve()
-    except (OSError, ValueError):
-        return False
-    parts = set(p.parts)
-    if "site-packages" in parts or "dist-packages" in parts:
-        return False
-    tdiag_dir = Path(__file__).resolve().parent
-    if tdiag_dir in p.parents:
-        return False
-    return user_dir in p.parents
-
-
-def user_traceback(exc: BaseException, user_file: Path) -> str:
-    """The frames of ``exc``'s traceback (and its causes) that lie in the user's folder,
-    plus the exception line; "" when none."""
-    user_dir = user_file.resolve().parent
-    lines: list[str] = []
-    if isinstance(exc, SyntaxError):
-        return "".join(traceback.format_exception_only(type(exc), exc)).rstrip()
-    frames = [
-        f for f in traceback.extract_tb(exc.__traceback__) if _is_user_frame(f.filename, user_dir)
-    ]
-    if frames:
-        lines.append("Traceback (your code only):\n")
-        lines.extend(traceback.format_list(frames))
-    lines.extend(traceback.format_exception_only(type(exc), exc))
-    return "".join(lines).rstrip()
-
-
-def _fail(cause: str, message: str, exc: BaseException | None, user_file: Path) -> LoadError:
-    tb = user_traceback(exc, user_file) if exc is not None else ""
-    return LoadError(message, cause=cause, user_traceback=tb)
-
-
 # -- target and import -----------------------------------------------------------------------
 
 
@@ -177,22 +114,31 @@ def import_user_file(path: Path) -> ModuleType:
         spec.loader.exec_module(module)
         loaded = True
     except SyntaxError as exc:
-        raise _fail(
+        raise fail(
             "syntax-error",
             f"cannot load {path.name}: it has a syntax error (line {exc.lineno}): {exc.msg}.",
             exc,
             path,
         ) from None
     except ImportError as exc:
-        raise _fail(
+        raise fail(
             "import-error",
             f"cannot load {path.name}: an import inside it failed: {exc}. Install the missing "
             "package or fix the import; the file's own folder is on sys.path.",
             exc,
             path,
         ) from None
+    except SystemExit as exc:  # e.g. argparse at module level, seeing tdiag's own arguments
+        raise fail(
+            "exit-called",
+            f"cannot load {path.name}: the file called sys.exit({exc.code!r}) while being "
+            "imported (argparse or a training script at module level?). Put that code under "
+            "`if __name__ == '__main__':` so that importing the file only defines the model.",
+            exc,
+            path,
+        ) from None
     except Exception as exc:  # the user's module-level code raised: any type is possible
-        raise _fail(
+        raise fail(
             "import-error",
             f"cannot load {path.name}: running the file raised {type(exc).__name__}: {exc}.",
             exc,
@@ -238,8 +184,15 @@ def _build(fn: Callable[[], Any], name: str, path: Path, seed: int) -> nn.Module
     torch.manual_seed(seed)
     try:
         model = fn()
+    except SystemExit as exc:
+        raise fail(
+            "exit-called",
+            f"cannot build the model: {name}() in {path.name} called sys.exit({exc.code!r}).",
+            exc,
+            path,
+        ) from None
     except Exception as exc:  # user code: any exception type
-        raise _fail(
+        raise fail(
             "factory-raised",
             f"cannot build the model: {name}() in {path.name} raised {type(exc).__name__}: {exc}.",
             exc,
@@ -254,21 +207,8 @@ def _build(fn: Callable[[], Any], name: str, path: Path, seed: int) -> nn.Module
     return model
 
 
-def _config_of(model: nn.Module) -> list[Any]:
-    return [c for c in (getattr(model, "config", None), getattr(model, "cfg", None)) if c] + [model]
-
-
-def _config_value(model: nn.Module, names: tuple[str, ...]) -> Any:
-    for cfg in _config_of(model):
-        for n in names:
-            v = getattr(cfg, n, None)
-            if isinstance(v, int) and not isinstance(v, bool):
-                return v
-    return None
-
-
 def _vocab_size(model: nn.Module) -> int | None:
-    v = _config_value(model, ("vocab_size",))
+    v = config_value(model, ("vocab_size",))
     if v is not None:
         return v
     emb = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
@@ -276,7 +216,7 @@ def _vocab_size(model: nn.Module) -> int | None:
 
 
 def _pad_id(model: nn.Module) -> int | None:
-    v = _config_value(model, ("pad_id", "pad_token_id"))
+    v = config_value(model, ("pad_id", "pad_token_id"))
     if v is not None:
         return v
     emb = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
@@ -289,102 +229,21 @@ def _causal(module: ModuleType, model: nn.Module, no_causal: bool) -> bool:
     flag = getattr(module, "CAUSAL", None)
     if isinstance(flag, bool):
         return flag
-    for cfg in _config_of(model):
+    for cfg in config_of(model):
         c = getattr(cfg, "causal", None)
         if isinstance(c, bool):
             return c
+    # Hugging Face models say whether they generate text (decoders) or not (BERT-style
+    # encoders), through a public method
+    can_generate = getattr(model, "can_generate", None)
+    if callable(can_generate):
+        try:
+            flag = can_generate()
+        except (TypeError, AttributeError, NotImplementedError):  # a user method of that name
+            flag = None
+        if isinstance(flag, bool):
+            return flag
     return True
-
-
-def _file_batch(module: ModuleType, path: Path) -> tuple[Any, str] | None:
-    for name in BATCH_NAMES:
-        fn = getattr(module, name, None)
-        if callable(fn):
-            try:
-                return fn(), name
-            except Exception as exc:  # user code
-                raise _fail(
-                    "batch-raised",
-                    f"cannot get a batch: {name}() in {path.name} raised "
-                    f"{type(exc).__name__}: {exc}.",
-                    exc,
-                    path,
-                ) from None
-    return None
-
-
-def _normalise_batch(raw: Any, source: str, path: Path) -> tuple[dict[str, Any], str]:
-    where = f"{source}() in {path.name}"
-    if isinstance(raw, torch.Tensor):
-        batch, style = {"input_ids": raw}, "tensor"
-    elif isinstance(raw, Mapping) and isinstance(raw.get("input_ids"), torch.Tensor):
-        batch, style = dict(raw), "dict"
-    else:
-        raise LoadError(
-            f"bad batch: {where} returned {type(raw).__name__}; return a LongTensor of token "
-            "ids (B, L) or a dict with 'input_ids' (and optionally 'attention_mask', 'labels').",
-            cause="bad-batch",
-        )
-    ids = batch["input_ids"]
-    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-        raise LoadError(
-            f"bad batch: input_ids from {where} have dtype {ids.dtype}; token ids must be "
-            "integers (torch.long). Did you pass embeddings or forget .long()?",
-            cause="bad-batch",
-        )
-    if ids.dim() != 2:
-        raise LoadError(
-            f"bad batch: input_ids from {where} have shape {tuple(ids.shape)}; expected (B, L).",
-            cause="bad-batch",
-        )
-    for key in ("attention_mask", "labels"):
-        t = batch.get(key)
-        if t is not None and (not isinstance(t, torch.Tensor) or t.shape != ids.shape):
-            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise LoadError(
-                f"bad batch: {key} from {where} is {shape}; expected a tensor of the shape of "
-                f"input_ids {tuple(ids.shape)}.",
-                cause="bad-batch",
-            )
-    return batch, style
-
-
-def _random_batch(
-    model: nn.Module,
-    vocab: int | None,
-    batch_size: int | None,
-    seq_len: int | None,
-    seed: int,
-    pad_id: int | None,
-    path: Path,
-) -> dict[str, Any]:
-    if vocab is None:
-        raise LoadError(
-            f"cannot draw a random batch for {path.name}: the model has no nn.Embedding and no "
-            "config.vocab_size. Define get_batch() returning token ids (B, L).",
-            cause="no-vocab",
-        )
-    if seq_len is None:
-        found = _config_value(model, SEQ_LEN_ATTRS)
-        seq_len = min(found, MAX_RANDOM_SEQ_LEN) if found else DEFAULT_SEQ_LEN
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (batch_size or DEFAULT_BATCH_SIZE, seq_len), generator=gen)
-    if pad_id is not None and 0 <= pad_id < vocab and vocab > 1:
-        ids = torch.where(ids == pad_id, (ids + 1) % vocab, ids)  # no padding in a random batch
-    return {"input_ids": ids}
-
-
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def ids_out_of_range(batch: Mapping[str, Any], vocab: int | None) -> bool:
-    """True when ``input_ids`` hold ids outside ``[0, vocab)`` (one host sync)."""
-    if vocab is None:
-        return False
-    ids = batch["input_ids"]
-    lo, hi = torch.aminmax(ids)
-    return bool(lo.item() < 0 or hi.item() >= vocab)  # host sync
 
 
 def load_target(
@@ -416,18 +275,18 @@ def load_target(
     model = model.to(dev).eval()
     vocab = _vocab_size(model)
     pad_id = _pad_id(model)
-    found = _file_batch(module, path)
+    found = file_batch(module, path)
     if found is not None:
         raw, source = found
-        batch, style = _normalise_batch(raw, source, path)
+        batch, style = normalise_batch(raw, source, path)
     else:
         batch, style = (
-            _random_batch(model, vocab, batch_size, seq_len, seed, pad_id, path),
+            random_batch(model, vocab, batch_size, seq_len, seed, pad_id, path),
             "tensor",
         )
     ctx = CheckContext(
         model=model,
-        batch=_to_device(batch, dev),
+        batch=to_device(batch, dev),
         vocab_size=vocab,
         causal=_causal(module, model, no_causal),
         device=dev,
@@ -448,7 +307,15 @@ def load_target(
             "(see data.token-out-of-range)"
         )
         return ctx
-    validate_forward(ctx, path)
+    if _labels_out_of_range(ctx, vocab):  # a model computing its own loss would crash on them
+        return ctx
+    note = ""
+    if found is None and seq_len is None:
+        note = (
+            "; a random batch: if the model takes fewer tokens, pass --seq-len N (or give it a "
+            "config with max_seq_len / block_size)"
+        )
+    validate_forward(ctx, path, length_note=note)
     return ctx
 
 
@@ -457,90 +324,136 @@ def _callable(module: ModuleType, name: str) -> Callable[..., Any] | None:
     return fn if callable(fn) else None
 
 
-def validate_forward(ctx: CheckContext, path: Path) -> None:
-    """Run the model once on the batch; turn a crash or a bad output into a LoadError."""
+def _targets_param(model: nn.Module) -> str | None:
+    """The forward parameter, after the ids, that takes targets (``forward(idx, targets=None)``)."""
+    params = forward_params(model)
+    return next((p.name for p in (params or [])[1:] if p.name in TARGET_PARAM_NAMES), None)
+
+
+def _call_shape(ctx: CheckContext) -> str:
+    extra = f", {ctx.targets_arg}=next-token ids" if ctx.targets_arg else ""
+    call = "model(**batch" if ctx.batch_style == "dict" else "model(input_ids"
+    return f"{call}{extra})"
+
+
+def validate_forward(ctx: CheckContext, path: Path, *, length_note: str = "") -> None:
+    """Run the model once on the batch, and the loss; turn a crash or a bad output into a
+    LoadError.
+
+    A forward that returns the logits of fewer positions than it was given (nanoGPT returns
+    only the last one when called without targets) is called again with next-token targets
+    when it has a parameter for them (:data:`~tdiag.debug.context.TARGET_PARAM_NAMES`); the
+    checks then always pass them (``ctx.targets_arg``).
+
+    Args:
+        length_note: said after a forward crash, e.g. where the random batch's length came from.
+    """
+    torch.manual_seed(ctx.seed)
     try:
-        torch.manual_seed(ctx.seed)
         with torch.no_grad():
-            logits = ctx.forward()
+            out = ctx.call_model()
+            try:
+                logits = ctx._checked_logits(out, ctx.batch)
+            except ModelOutputError as first:
+                name = _targets_param(ctx.model)
+                if name is None or ctx.targets_arg is not None:
+                    raise
+                ctx.targets_arg = name
+                try:
+                    out = ctx.call_model()
+                    logits = ctx._checked_logits(out, ctx.batch)
+                except Exception:  # user code: the retry did not help, report the first problem
+                    ctx.targets_arg = None
+                    raise first from None
+                logger.info("forward returns all positions only with %s=...; passing them", name)
     except ModelOutputError as exc:
         raise LoadError(
-            f"unexpected output from the model in {path.name}: {exc}.", cause="bad-output"
+            f"unexpected output from the model in {path.name}: {exc}. (Called as "
+            f"{_call_shape(ctx)} with input_ids of shape {tuple(ctx.input_ids.shape)}.)",
+            cause="bad-output",
         ) from None
     except Exception as exc:  # user code
-        raise _fail(
+        raise fail(
             "forward-raised",
-            f"the model's forward pass raised {type(exc).__name__}: {exc}. (Called as "
-            f"{'model(input_ids)' if ctx.batch_style == 'tensor' else 'model(**batch)'} with "
-            f"input_ids of shape {tuple(ctx.input_ids.shape)}.)",
+            f"the model's forward pass raised {type(exc).__name__}: {str(exc).rstrip('.')}. "
+            "(Called as "
+            f"{_call_shape(ctx)} with input_ids of shape {tuple(ctx.input_ids.shape)}"
+            f"{length_note}.)",
             exc,
             path,
         ) from None
     ctx.cache["logits_shape"] = tuple(logits.shape)
-
-
-# -- timeout ---------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def deadline(
-    seconds: float | None,
-    *,
-    user_file: Path | None = None,
-    what: Callable[[], str] = lambda: "running the checks",
-) -> Iterator[None]:
-    """Raise ``LoadError(cause="timeout")`` when the block runs longer than ``seconds``.
-
-    Uses SIGALRM in the main thread: it stops Python-level code (a forward that loops
-    forever). Limitation: a single long native call (one huge matmul, a blocking CUDA
-    kernel) is interrupted only when it returns to Python; outside the main thread or on
-    platforms without SIGALRM no deadline is enforced (logged).
-    """
-    usable = (
-        seconds is not None
-        and seconds > 0
-        and math.isfinite(seconds)
-        and hasattr(signal, "setitimer")
-        and threading.current_thread() is threading.main_thread()
-    )
-    if not usable:
-        if seconds:
-            logger.info("no timeout enforced (not the main thread, or no SIGALRM here)")
-        yield
+    _targets_needed_without_them(ctx)
+    if _labels_out_of_range(ctx, logits.shape[-1]):
         return
+    validate_loss(ctx, out, logits, path)
 
-    def on_alarm(signum: int, frame: FrameType | None) -> None:
-        raise _Alarm()
 
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    outer_delay, outer_interval = signal.setitimer(signal.ITIMER_REAL, seconds)
-    started = time.monotonic()
+def _targets_needed_without_them(ctx: CheckContext) -> None:
+    """A dict batch ``{"input_ids", "targets"}`` for a nanoGPT-style forward: the checks
+    that build their own batches (without targets) must pass targets too, or they get
+    the last position only. Sets ``ctx.targets_arg`` then."""
+    if ctx.batch_style != "dict" or ctx.targets_arg is not None or "targets" not in ctx.batch:
+        return
+    if _targets_param(ctx.model) != "targets":
+        return
+    bare = {k: v for k, v in ctx.batch.items() if k != "targets"}
     try:
-        yield
-    except _Alarm as exc:
-        raise LoadError(
-            f"stopped after {seconds:g} s (--timeout) while {what()}; a forward "
-            "pass that never returns (an endless loop?) is the usual cause.",
-            cause="timeout",
-            user_traceback=_where_stuck(exc, user_file),
+        with torch.no_grad():
+            ctx.forward(bare)
+    except ModelOutputError:
+        ctx.targets_arg = "targets"
+    except Exception:  # user code: a model that needs its targets; the checks will say
+        logger.info("forward fails without targets", exc_info=True)
+
+
+def _labels_out_of_range(ctx: CheckContext, n_out: int | None) -> bool:
+    """True (and the forward checks blocked) when labels lie outside ``[0, n_out)`` and are
+    not -100: cross-entropy would crash on them, data.token-out-of-range reports them."""
+    labels = ctx.batch.get("labels")
+    if labels is None or n_out is None:
+        return False
+    bad = (labels != -100) & ((labels < 0) | (labels >= n_out))
+    if not bool(bad.any()):  # host sync
+        return False
+    ctx.cache["blocked"] = (
+        f"the batch holds labels outside [0, {n_out}); fix the data first "
+        "(see data.token-out-of-range)"
+    )
+    return True
+
+
+def validate_loss(ctx: CheckContext, out: Any, logits: torch.Tensor, path: Path) -> None:
+    """Compute the training loss once (the file's ``loss_fn``, else the output's loss, else
+    cross-entropy); a crash or a non-scalar result is a LoadError."""
+    loss: Any = None
+    what = f"loss_fn(model, batch) in {path.name}"
+    try:
+        torch.manual_seed(ctx.seed)
+        with torch.no_grad():
+            if ctx.loss_fn is not None:
+                loss = ctx.loss_fn(ctx.model, ctx.model_inputs())
+            else:
+                loss = loss_from_output(out)
+                what = "the model's own loss (its output's .loss)"
+                if loss is None:
+                    what = "next-token cross-entropy on the logits"
+                    loss = ctx.default_loss(logits)
+    except Exception as exc:  # user code
+        raise fail(
+            "loss-raised",
+            f"computing the loss raised {type(exc).__name__}: {exc} (the loss is {what}).",
+            exc,
+            path,
         ) from None
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-        if outer_delay > 0:  # an enclosing timer (pytest-timeout, the caller's): give it back
-            remaining = outer_delay - (time.monotonic() - started)
-            signal.setitimer(signal.ITIMER_REAL, max(remaining, 1e-3), outer_interval)
-
-
-def _where_stuck(exc: BaseException, user_file: Path | None) -> str:
-    if user_file is None:
-        return ""
-    user_dir = user_file.resolve().parent
-    frames = [
-        f
-        for f in traceback.extract_tb(exc.__traceback__)
-        if _is_user_frame(f.filename, user_dir) and f.name != "on_alarm"
-    ]
-    if not frames:
-        return ""
-    return "Where it was running (your code only):\n" + "".join(traceback.format_list(frames[-5:]))
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        got = (
+            f"a tensor of shape {tuple(loss.shape)}"
+            if isinstance(loss, torch.Tensor)
+            else type(loss).__name__
+        )
+        raise LoadError(
+            f"bad loss: {what} gave {got}; the loss must be a one-element tensor (the mean "
+            "over tokens), still attached to the graph (no .item()).",
+            cause="bad-loss",
+        )

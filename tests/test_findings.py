@@ -31,7 +31,7 @@ def test_finding_round_trip_with_nonfinite_evidence():
     "bad", [{"id": "x y", "severity": "error"}, {"id": "a", "severity": "fatal"}]
 )
 def test_finding_rejects_bad_values(bad):
-    with pytest.raises(ValueError, match="id|severity"):
+    with pytest.raises(ValueError, match=r"id|severity"):
         Finding(title="t", **bad)
 
 

@@ -24,10 +24,20 @@ from torch import nn
 from tdiag.findings import TdiagError
 from tdiag.hooks import ActivationRecorder
 
-__all__ = ["IGNORE_INDEX", "CheckContext", "ModelOutputError", "logits_from_output"]
+__all__ = [
+    "IGNORE_INDEX",
+    "TARGET_PARAM_NAMES",
+    "CheckContext",
+    "ModelOutputError",
+    "logits_from_output",
+]
 
 #: The label value cross-entropy ignores (PyTorch's and Hugging Face's convention).
 IGNORE_INDEX = -100
+
+#: Names of a forward parameter that takes next-token targets, as in nanoGPT's
+#: ``forward(idx, targets=None)`` (which returns only the last position's logits without them).
+TARGET_PARAM_NAMES = ("targets", "target", "labels", "y")
 
 
 class ModelOutputError(TdiagError):
@@ -73,17 +83,29 @@ def loss_from_output(out: Any) -> torch.Tensor | None:
     return loss if isinstance(loss, torch.Tensor) else None
 
 
-def _accepted(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
-    """The batch keys ``model.forward`` accepts: a dict batch may carry ``labels`` for the loss
-    that a forward taking only ``input_ids`` would reject. Everything when it takes **kwargs."""
+def forward_params(model: nn.Module) -> list[inspect.Parameter] | None:
+    """The parameters of ``model.forward`` (None when its signature cannot be read)."""
     try:
-        params = inspect.signature(model.forward).parameters.values()
-    except (TypeError, ValueError):  # builtins, odd wrappers: pass everything
-        return dict(batch)
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return dict(batch)
+        return list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):  # builtins, odd wrappers
+        return None
+
+
+def _dict_call(
+    model: nn.Module, batch: Mapping[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``(args, kwargs)`` for calling ``model`` on a dict batch: the keys its forward accepts (a
+    dict batch may carry ``labels`` for the loss that a forward taking only ``input_ids`` would
+    reject; everything when it takes **kwargs). A forward whose first parameter is not called
+    ``input_ids`` (``forward(self, x, attention_mask=None)``) gets the ids positionally."""
+    params = forward_params(model)
+    if params is None or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return (), dict(batch)
     names = {p.name for p in params}
-    return {k: v for k, v in batch.items() if k in names or k == "input_ids"}
+    kwargs = {k: v for k, v in batch.items() if k in names}
+    if "input_ids" in names:
+        return (), kwargs
+    return (batch["input_ids"],), kwargs
 
 
 @dataclass(kw_only=True)
@@ -104,9 +126,14 @@ class CheckContext:
         make_optimizer: the file's ``make_optimizer(model)`` or None.
         loss_fn: the file's ``loss_fn(model, batch)`` or None.
         factory: builds a new model (the file's factory), or None for a module-level model.
-        batch_style: "tensor" (the model is called ``model(input_ids)``) or "dict"
+        batch_style: "tensor" (the model is called ``model(input_ids)``), "tuple" (the file's
+            batch was ``(input_ids, targets)``; called like "tensor") or "dict"
             (``model(**batch)``, leaving out keys its forward does not accept, e.g. ``labels``
             for a forward taking only ``input_ids``: the default loss then uses them).
+        targets_arg: name of the forward parameter given next-token targets (nanoGPT's
+            ``targets``), or None. Set by the loader when the forward needs them to return
+            the logits of every position; the targets are ``batch["targets"]`` when the file
+            gave them, else ``input_ids`` shifted left by one.
         pad_id: the padding token id when known (config ``pad_id`` / ``pad_token_id``).
         batch_from_file: True when the batch came from the file, False when drawn at random.
         cache: scratch space for sharing expensive results between checks.
@@ -124,13 +151,16 @@ class CheckContext:
     loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None
     factory: Callable[[], nn.Module] | None = None
     batch_style: str = "tensor"
+    targets_arg: str | None = None
     pad_id: int | None = None
     batch_from_file: bool = False
     cache: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.batch_style not in ("tensor", "dict"):
-            raise ValueError(f"batch_style must be 'tensor' or 'dict', got {self.batch_style!r}")
+        if self.batch_style not in ("tensor", "tuple", "dict"):
+            raise ValueError(
+                f"batch_style must be 'tensor', 'tuple' or 'dict', got {self.batch_style!r}"
+            )
         if "input_ids" not in self.batch:
             raise ValueError(f"batch needs 'input_ids', got keys {sorted(self.batch)}")
 
@@ -151,9 +181,23 @@ class CheckContext:
         return b
 
     def model_inputs(self, batch: Mapping[str, Any] | None = None) -> Any:
-        """The batch in the form the user's file uses (for ``loss_fn``): tensor or dict."""
+        """The batch in the form the user's file uses (for ``loss_fn``): tensor, tuple or dict."""
         b = self.batch if batch is None else batch
-        return b["input_ids"] if self.batch_style == "tensor" else dict(b)
+        if self.batch_style == "tensor":
+            return b["input_ids"]
+        if self.batch_style == "tuple":
+            return b["input_ids"], self.next_targets(b)
+        return dict(b)
+
+    def next_targets(self, batch: Mapping[str, Any] | None = None) -> torch.Tensor:
+        """Next-token targets aligned with the positions: the file's ``targets`` when its batch
+        was ``(input_ids, targets)``, else ``input_ids`` shifted left by one (the last position
+        wraps around to the first token: a valid id for any loss)."""
+        b = self.batch if batch is None else batch
+        t = b.get("targets")
+        if isinstance(t, torch.Tensor) and t.shape == b["input_ids"].shape:
+            return t
+        return b["input_ids"].roll(-1, dims=1)
 
     # -- running the model -------------------------------------------------------------------
     def call_model(
@@ -162,9 +206,11 @@ class CheckContext:
         """The raw output of the model on ``batch`` (default: ``ctx.batch``)."""
         m = self.model if model is None else model
         b = self.batch if batch is None else batch
-        if self.batch_style == "tensor":
-            return m(b["input_ids"])
-        return m(**_accepted(m, b))
+        extra = {self.targets_arg: self.next_targets(b)} if self.targets_arg else {}
+        if self.batch_style != "dict":
+            return m(b["input_ids"], **extra)
+        args, kwargs = _dict_call(m, b)
+        return m(*args, **kwargs | extra)
 
     def forward(
         self, batch: Mapping[str, Any] | None = None, model: nn.Module | None = None
@@ -180,10 +226,18 @@ class CheckContext:
     def _checked_logits(self, out: Any, b: Mapping[str, Any]) -> torch.Tensor:
         logits = logits_from_output(out)
         ids = b["input_ids"]
+        if logits.dim() == 2 and logits.shape[0] == ids.numel() and ids.shape[1] > 1:
+            # flattened for the loss, as in logits.view(B * T, C): one row per position
+            logits = logits.view(*ids.shape, logits.shape[-1])
         if logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(ids.shape):
+            hint = ""
+            if logits.dim() == 3 and tuple(logits.shape[:2]) == tuple(ids.shape)[::-1]:
+                hint = " (sequence-first: return logits.transpose(0, 1), batch first)"
+            elif logits.dim() == 3 and logits.shape[1] == 1 < ids.shape[1]:
+                hint = " (the last position only: tdiag needs the logits of every position)"
             raise ModelOutputError(
                 f"expected logits of shape (B, L, V) = ({ids.shape[0]}, {ids.shape[1]}, V) for "
-                f"input_ids of shape {tuple(ids.shape)}, got {tuple(logits.shape)}"
+                f"input_ids of shape {tuple(ids.shape)}, got {tuple(logits.shape)}{hint}"
             )
         return logits
 
@@ -203,9 +257,14 @@ class CheckContext:
         return self.default_loss(logits_from_output(out), b)
 
     def targets(self, batch: Mapping[str, Any] | None = None) -> torch.Tensor:
-        """Per-position target ids ``(B, L)`` before any shift, with -100 where ignored."""
+        """Per-position target ids ``(B, L)`` before any shift, with -100 where ignored.
+
+        ``(input_ids, targets)`` batches give targets already aligned with the positions (see
+        :meth:`targets_aligned`); their negative values (nanoGPT's -1) count as ignored."""
         b = self.batch if batch is None else batch
         labels = b.get("labels")
+        if labels is None and self.targets_aligned(b):
+            return b["targets"].masked_fill(b["targets"] < 0, IGNORE_INDEX)
         if labels is None:
             labels = b["input_ids"].clone()
             mask = b.get("attention_mask")
@@ -215,16 +274,22 @@ class CheckContext:
                 labels = labels.masked_fill(labels == self.pad_id, IGNORE_INDEX)
         return labels
 
+    def targets_aligned(self, batch: Mapping[str, Any] | None = None) -> bool:
+        """True when the batch's targets are already the next tokens (a ``(x, y)`` batch):
+        the default loss then does not shift them."""
+        b = self.batch if batch is None else batch
+        return "labels" not in b and isinstance(b.get("targets"), torch.Tensor)
+
     def default_loss(
         self, logits: torch.Tensor, batch: Mapping[str, Any] | None = None
     ) -> torch.Tensor:
         """Cross-entropy of ``logits`` (B, L, V) against :meth:`targets` (shifted when causal)."""
         labels = self.targets(batch)
-        if self.causal:
+        if self.causal and not self.targets_aligned(batch):
             logits, labels = logits[:, :-1], labels[:, 1:]
         return F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]).float(),
-            labels.reshape(-1).to(logits.device),
+            labels.reshape(-1).to(logits.device, torch.long),  # int32 ids are fine in a batch
             ignore_index=IGNORE_INDEX,
         )
 
@@ -265,15 +330,22 @@ class CheckContext:
         return embs[0] if embs else None
 
     def block_modules(self) -> list[tuple[str, nn.Module]]:
-        """The repeated blocks (layers) in depth order: the children of the longest
-        ``nn.ModuleList``/``nn.Sequential`` whose items all have one class. Empty if none."""
+        """The repeated blocks (layers) in depth order: the children of the
+        ``nn.ModuleList``/``nn.Sequential`` of >= 2 same-class items that holds the most
+        parameters (the stack of layers, not the list of attention heads inside one layer,
+        which may be longer); the shallower one on a tie. Empty if none."""
         best: list[tuple[str, nn.Module]] = []
+        best_key = (-1, 0)
         for name, m in self.model.named_modules():
-            if isinstance(m, nn.ModuleList | nn.Sequential) and len(m) > len(best):
-                kids = list(m.named_children())
-                if kids and len({type(k) for _, k in kids}) == 1:
-                    prefix = f"{name}." if name else ""
-                    best = [(prefix + n, k) for n, k in kids]
+            if not isinstance(m, nn.ModuleList | nn.Sequential) or len(m) < 2:
+                continue
+            kids = list(m.named_children())
+            if len({type(k) for _, k in kids}) != 1:
+                continue
+            key = (sum(p.numel() for p in m.parameters()), -name.count("."))
+            if key > best_key:
+                prefix = f"{name}." if name else ""
+                best, best_key = [(prefix + n, k) for n, k in kids], key
         return best
 
     def fresh_model(self) -> nn.Module:

@@ -109,12 +109,17 @@ def labels_all_ignored(ctx: CheckContext) -> list[Finding]:
     if not ctx.batch_from_file:
         raise SkipCheck("no batch in the file (random ids have no labels to check)")
     targets = ctx.targets()
-    if ctx.causal and "labels" not in ctx.batch:
+    if ctx.causal and "labels" not in ctx.batch and not ctx.targets_aligned():
         targets = targets[:, 1:]  # the next-token targets the default loss uses
     valid = targets != IGNORE_INDEX
     per_row = valid.sum(dim=1)
     n_valid, n_rows_empty = torch.stack([valid.sum(), (per_row == 0).sum()]).tolist()  # host sync
-    source = "labels" if "labels" in ctx.batch else "targets derived from input_ids and the mask"
+    if "labels" in ctx.batch:
+        source = "labels"
+    elif ctx.targets_aligned():
+        source = "targets of the (input_ids, targets) batch"
+    else:
+        source = "targets derived from input_ids and the mask"
     if n_valid == 0:
         return [
             Finding(

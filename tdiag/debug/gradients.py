@@ -87,6 +87,8 @@ class GradPass:
         grads: parameter name -> gradient (None: the parameter got no gradient).
         used: names of parameters seen as an argument of some op in the forward.
         alive: name of a weight-carrying layer -> bool per input unit (True: non-zero on some token).
+        indicator: name -> 0-d bool tensor, True when every input value was 0 or 1 (a one-hot or
+            multi-hot encoding, whose absent entries are not dead units).
         params: parameter name -> parameter (trainable ones only).
     """
 
@@ -94,10 +96,16 @@ class GradPass:
     grads: dict[str, torch.Tensor | None]
     used: set[str]
     alive: dict[str, torch.Tensor] = field(default_factory=dict)
+    indicator: dict[str, torch.Tensor] = field(default_factory=dict)
     params: dict[str, nn.Parameter] = field(default_factory=dict)
 
 
-def _alive_hook(alive: dict[str, torch.Tensor], name: str, in_features: int) -> Any:
+def _alive_hook(
+    alive: dict[str, torch.Tensor],
+    indicator: dict[str, torch.Tensor],
+    name: str,
+    in_features: int,
+) -> Any:
     def pre(mod: nn.Module, args: tuple) -> None:
         x = args[0] if args else None
         if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 2:
@@ -106,6 +114,10 @@ def _alive_hook(alive: dict[str, torch.Tensor], name: str, in_features: int) -> 
             return
         nz = (x.detach() != 0).reshape(-1, in_features).any(0)  # (in_features,)
         alive[name] = alive[name] | nz if name in alive else nz
+        xd = x.detach()
+        # 0/1 values with some 1s: an encoding, not activations (a dead layer is all 0s)
+        binary = ((xd == 0) | (xd == 1)).all() & (xd == 1).any()  # on the device: no sync
+        indicator[name] = indicator[name] & binary if name in indicator else binary
 
     return pre
 
@@ -149,11 +161,12 @@ def grad_pass(ctx: CheckContext) -> GradPass:
     if not params:
         raise SkipCheck("the model has no trainable parameter (all requires_grad=False)")
     alive: dict[str, torch.Tensor] = {}
+    indicator: dict[str, torch.Tensor] = {}
     handles = []
     for name, m in model.named_modules():
         width = _in_features(m)
         if width is not None:
-            handles.append(m.register_forward_pre_hook(_alive_hook(alive, name, width)))
+            handles.append(m.register_forward_pre_hook(_alive_hook(alive, indicator, name, width)))
     use = _ParamUse({id(p): n for n, p in params.items()})
     try:
         with controlled(model, train=True, seed=ctx.seed), torch.enable_grad():
@@ -168,6 +181,7 @@ def grad_pass(ctx: CheckContext) -> GradPass:
         grads=dict(zip(params, grads, strict=True)),
         used=use.used,
         alive=alive,
+        indicator=indicator,
         params=params,
     )
     ctx.cache[CACHE_KEY] = result
@@ -195,6 +209,10 @@ def _block_norms(ctx: CheckContext, norms: dict[str, float]) -> list[tuple[str, 
 
 def _depth_profile(ctx: CheckContext) -> tuple[dict[str, float], list[tuple[str, float]], float]:
     gp = grad_pass(ctx)
+    if not math.isfinite(gp.loss):
+        raise SkipCheck(
+            "the loss is not finite (see numerics.nonfinite-forward, data.labels-all-ignored)"
+        )
     norms = _norms(gp)
     if not norms:
         raise SkipCheck("no parameter received a gradient (see grad.missing)")
@@ -417,11 +435,15 @@ def check_dead_units(ctx: CheckContext) -> list[Finding]:
     if not gp.alive:
         raise SkipCheck("no Linear layer saw a floating-point input")
     names = list(gp.alive)
-    dead = torch.stack([(~gp.alive[n]).float().mean() for n in names]).tolist()  # host sync
+    values = torch.stack(
+        [(~gp.alive[n]).float().mean() for n in names] + [gp.indicator[n].float() for n in names]
+    ).tolist()  # host sync
+    dead, binary = values[: len(names)], values[len(names) :]
+    # a layer fed one-hot/multi-hot inputs (e.g. F.one_hot(ids) @ W) has absent entries, not
+    # dead units
+    names_dead = [(n, d) for n, d, b in zip(names, dead, binary, strict=True) if b == 0.0]
     rows = [
-        (n, frac, int(gp.alive[n].numel()))
-        for n, frac in zip(names, dead, strict=True)
-        if frac > DEAD_FRAC_WARNING
+        (n, frac, int(gp.alive[n].numel())) for n, frac in names_dead if frac > DEAD_FRAC_WARNING
     ]
     if not rows:
         return []

@@ -47,6 +47,9 @@ LOGIT_STD_MAX = math.sqrt(2 * LOSS_EXCESS_MAX)
 #: Initial loss more than this below ln(V): an untrained model cannot beat a uniform guess on
 #: random/held-out tokens unless it sees its targets. Judgement.
 LOSS_DEFICIT_MAX = 0.5
+#: A loss above ln(V) whose value divided by the number of targets lies within this fraction
+#: of ln(V) is taken to be summed over tokens (the per-token loss at init is ~ln(V)).
+SUMMED_TOLERANCE = 0.25
 
 
 # -- parameter table ------------------------------------------------------------------------
@@ -95,7 +98,7 @@ def _param_rows(model: nn.Module) -> list[dict[str, Any]]:
             "mean": mean,
             "std": std,
         }
-        if p.dim() >= 2 and not isinstance(module, nn.Embedding):
+        if p.dim() >= 2 and not isinstance(module, nn.Embedding) and not _is_table(module, pname):
             fan_in, certain = _fan_in(module, pname, p)
             row["fan_in"] = fan_in
             row["expected_std"] = 1 / math.sqrt(fan_in)
@@ -104,6 +107,19 @@ def _param_rows(model: nn.Module) -> list[dict[str, Any]]:
                 row["ratio_alt"] = std * math.sqrt(p.shape[0])
         rows.append(row)
     return rows
+
+
+#: Words in the name of a raw parameter (not owned by a layer type) that make it a lookup table
+#: such as ``self.pos_emb = nn.Parameter(torch.randn(L, d))``: rows are looked up, not
+#: multiplied by an input, so fan-in says nothing about their scale (N(0, 1) is usual).
+TABLE_WORDS = ("emb", "pos", "wpe", "wte", "token", "table", "cls")
+_LAYERS = (nn.Linear, nn.modules.conv._ConvNd, nn.MultiheadAttention)
+
+
+def _is_table(module: nn.Module, pname: str) -> bool:
+    if isinstance(module, _LAYERS) or isinstance(getattr(module, "nf", None), int):
+        return False
+    return any(w in pname.lower() for w in TABLE_WORDS)
 
 
 def _out_of_range(row: dict[str, Any]) -> str | None:
@@ -260,10 +276,30 @@ def logit_scale(ctx: CheckContext) -> list[Finding]:
     ]
 
 
+def _n_targets(ctx: CheckContext) -> int:
+    """Number of positions the default next-token loss would count on ``ctx.batch``."""
+    t = ctx.targets()
+    if ctx.causal and not ctx.targets_aligned():
+        t = t[:, 1:]
+    return int((t != -100).sum())  # host sync
+
+
 def _output_layer(ctx: CheckContext) -> str | None:
-    """Name of the last module to run whose output has the logits' shape."""
-    rows = ctx.recorded_forward()["rows"]
-    return rows[-1]["name"] if rows else None
+    """Name of the output layer: the last layer (in ``named_modules`` order) whose output width
+    is the logits' vocabulary (``nn.Linear.out_features`` or a Hugging Face ``Conv1D``'s
+    ``nf``) and that ran in the forward. None when the logits come from a functional op (``x @ emb.weight.T``).
+
+    Read from the structure, not from the last module to run: that one may be a loss module or
+    the final norm of a model that computes its head functionally."""
+    rec = ctx.recorded_forward()
+    vocab = rec["logits"].shape[-1]
+    ran = {r["name"] for r in rec["rows"]}
+    found = None
+    for name, m in ctx.model.named_modules():
+        width = m.out_features if isinstance(m, nn.Linear) else getattr(m, "nf", None)
+        if width == vocab and name in ran:
+            found = name
+    return found
 
 
 @register_check("loss.init-mismatch", family="init", title="Initial loss far from ln(vocab)")
@@ -280,6 +316,13 @@ def loss_init_mismatch(ctx: CheckContext) -> list[Finding]:
     expected = math.log(vocab)
     evidence = {"loss": loss, "ln_vocab": expected, "vocab": vocab}
     if not math.isfinite(loss):
+        if not bool(torch.isfinite(rec["logits"].float().sum())):  # host sync
+            raise SkipCheck("the logits are not finite (see numerics.nonfinite-forward)")
+        if ctx.loss_fn is None and _n_targets(ctx) == 0:
+            raise SkipCheck(
+                "the batch has no valid target (see data.labels-all-ignored; a causal model "
+                "needs sequences of >= 2 tokens)"
+            )
         return [
             Finding(
                 id="loss.init-mismatch",
@@ -295,20 +338,42 @@ def loss_init_mismatch(ctx: CheckContext) -> list[Finding]:
         ]
     diff = loss - expected
     if diff > LOSS_EXCESS_MAX:
+        n = _n_targets(ctx)
+        summed = n > 1 and abs(loss / n - expected) < SUMMED_TOLERANCE * expected
         return [
             Finding(
                 id="loss.init-mismatch",
                 severity=Severity.WARNING,
-                title="Initial loss far above ln(vocab)",
+                title="Initial loss far above ln(vocab)"
+                + (": it looks summed, not averaged" if summed else ""),
+                where=None if summed else _output_layer(ctx),
                 message=(
                     f"The loss at init is {loss:.3f}, {diff:.3g} nats above ln({vocab}) = "
                     f"{expected:.3f}, the loss of a uniform guess."
+                    + (
+                        f" Divided by the {n} targets of the batch it is {loss / n:.3f} ~ "
+                        "ln(vocab): the loss is a sum over tokens, so its scale (and the "
+                        "gradient's) changes with batch size and length."
+                        if summed
+                        else ""
+                    )
                 ),
-                evidence={**evidence, "excess": diff, "limit": LOSS_EXCESS_MAX},
+                evidence={
+                    **evidence,
+                    "excess": diff,
+                    "limit": LOSS_EXCESS_MAX,
+                    "n_targets": n,
+                    "loss_per_target": loss / n if n else None,
+                },
                 recommendation=(
-                    "Make the initial predictions near-uniform: small output-layer init (see "
-                    "init.logit-scale). If the loss is a sum over tokens rather than a mean, use "
-                    "reduction='mean' so that it does not scale with batch size and length."
+                    "Average the loss over tokens (F.cross_entropy(..., reduction='mean'), or "
+                    "divide the sum by the number of non-ignored targets) so that learning "
+                    "rates and clipping thresholds mean the same at any batch size and length."
+                    if summed
+                    else "Make the initial predictions near-uniform: small output-layer init "
+                    "(see init.logit-scale). If the loss is a sum over tokens rather than a "
+                    "mean, use reduction='mean' so that it does not scale with batch size and "
+                    "length."
                 ),
             )
         ]

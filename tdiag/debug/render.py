@@ -35,26 +35,27 @@ def _num(v: float) -> str:
     return f"{v:.3e}"
 
 
+def _value(v: Any) -> str:
+    """One evidence value, numbers shortened, nested dicts and lists included."""
+    if isinstance(v, bool) or v is None:
+        return str(v)
+    if isinstance(v, float):
+        return _num(v)
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{a}: {_value(b)}" for a, b in v.items()) + "}"
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_value(x) for x in v) + "]"
+    return str(v)
+
+
 def format_evidence(evidence: dict[str, Any]) -> str:
     """``key=value`` pairs on one line; long lists/tables summarised (full data in --json)."""
     parts = []
     for k, v in evidence.items():
-        if isinstance(v, bool) or v is None:
-            s = str(v)
-        elif isinstance(v, float):
-            s = _num(v)
-        elif isinstance(v, list | tuple | dict) and len(v) > _MAX_INLINE_ITEMS:
+        if isinstance(v, list | tuple | dict) and len(v) > _MAX_INLINE_ITEMS:
             s = f"<{len(v)} rows: see --json>"
-        elif isinstance(v, list | tuple):
-            s = "[" + ", ".join(_num(x) if isinstance(x, float) else str(x) for x in v) + "]"
-        elif isinstance(v, dict):
-            s = (
-                "{"
-                + ", ".join(f"{a}: {_num(b) if isinstance(b, float) else b}" for a, b in v.items())
-                + "}"
-            )
         else:
-            s = str(v)
+            s = _value(v)
         parts.append(f"{k}={s}")
     return "  ".join(parts)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import time
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -26,6 +27,15 @@ logger = logging.getLogger(__name__)
 
 #: Optimizer steps at most: a few dozen are enough for a small model on 2 short sequences.
 MAX_STEPS = 60
+
+#: Past MAX_STEPS, training goes on (up to MAX_STEPS_EXTENDED) while the loss still falls by
+#: more than IMPROVING_FRAC over the last IMPROVING_WINDOW steps and the check has run less
+#: than EXTRA_SECONDS: a model that learns steadily but slowly at the default learning rate
+#: (a small bigram-like model) is not broken. A judgement.
+MAX_STEPS_EXTENDED = 200
+IMPROVING_WINDOW = 20
+IMPROVING_FRAC = 0.1
+EXTRA_SECONDS = 4.0
 
 #: The overfit batch: this many samples of at most OVERFIT_SEQ tokens.
 OVERFIT_BATCH = 2
@@ -107,34 +117,57 @@ def check_cannot_overfit(ctx: CheckContext) -> list[Finding]:
         source = f"AdamW(lr={DEFAULT_LR:g})"
     losses: list[float] = []
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    t0 = time.perf_counter()
     with torch.random.fork_rng(devices=devices), torch.enable_grad():
         torch.manual_seed(ctx.seed)
         batch, loss = _first_loss(ctx, model)
-        for step in range(MAX_STEPS):
+        for step in range(MAX_STEPS_EXTENDED):
             if step:
                 loss = ctx.loss(batch, model=model)
             value = float(loss.detach())  # host sync: the check needs the value to stop early
             losses.append(value)
             if not math.isfinite(value):
+                if step == 0:
+                    raise SkipCheck(
+                        "the loss is already non-finite at init (see numerics.nonfinite-forward "
+                        "and data.labels-all-ignored)"
+                    )
                 break
             if value < DONE_ABS or value < DONE_FRAC * losses[0]:
                 break
             if not loss.requires_grad:
                 break
+            if step >= MAX_STEPS - 1 and not _improving(losses, time.perf_counter() - t0):
+                break
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+    half = any(p.dtype in (torch.float16, torch.bfloat16) for p in trainable)
     return _judge(
         losses,
         source=source,
         lrs=_lrs(opt),
         grad_free=not loss.requires_grad,
         seq_len=int(batch["input_ids"].shape[1]),
+        half=half,
     )
 
 
+def _improving(losses: list[float], elapsed: float) -> bool:
+    """Still worth training past MAX_STEPS: time left and a clear recent decrease."""
+    if elapsed > EXTRA_SECONDS or len(losses) <= IMPROVING_WINDOW:
+        return False
+    return losses[-1] < (1.0 - IMPROVING_FRAC) * losses[-1 - IMPROVING_WINDOW]
+
+
 def _judge(
-    losses: list[float], *, source: str, lrs: list[float], grad_free: bool, seq_len: int
+    losses: list[float],
+    *,
+    source: str,
+    lrs: list[float],
+    grad_free: bool,
+    seq_len: int,
+    half: bool = False,
 ) -> list[Finding]:
     first, last = losses[0], losses[-1]
     best = min(losses)
@@ -165,7 +198,13 @@ def _judge(
                     f"to {last} after {len(losses)} step(s)."
                 ),
                 evidence=evidence,
-                recommendation="Lower the learning rate, add warmup and gradient clipping "
+                recommendation=(
+                    "The parameters are float16/bfloat16: keep float32 weights and train under "
+                    "torch.autocast instead (Adam's update underflows in half precision). "
+                    if half
+                    else ""
+                )
+                + "Lower the learning rate, add warmup and gradient clipping "
                 "(clip_grad_norm_(params, 1.0)); look for log(0), division by zero or fp16 overflow.",
             )
         ]

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from tdiag.debug.context import logits_from_output
+from tdiag.debug.context import forward_params, logits_from_output
 from tdiag.debug.probes import CHANGE_RTOL as LEAK_RTOL
 from tdiag.debug.probes import (
     clean_batch,
@@ -192,11 +192,16 @@ def check_padding_leak(ctx: CheckContext) -> list[Finding]:
     where = first_divergent_module(ctx, batch, pads, real)
     has_mask = "attention_mask" in batch
     how = "attention_mask" if has_mask else f"pad id {ctx.pad_id} (no attention_mask given)"
+    params = forward_params(ctx.model) if has_mask and ctx.batch_style == "dict" else None
+    unused = params is not None and not any(
+        p.name == "attention_mask" or p.kind is p.VAR_KEYWORD for p in params
+    )
+    if unused:  # the mask never reaches the model
+        how += f", which {type(ctx.model).__name__}.forward() does not even take"
     return [
         Finding(
             id="padding.leak",
-            # Without an attention_mask in the batch, the model may expect one in real use.
-            severity=Severity.ERROR if has_mask else Severity.WARNING,
+            severity=_padding_severity(has_mask, ctx.causal),
             title="Padding changes the outputs at real tokens",
             message=(
                 f"Changing the {int(pads.sum())} pad positions ({'left' if left else 'right'} "
@@ -212,13 +217,27 @@ def check_padding_leak(ctx: CheckContext) -> list[Finding]:
                 "pad_positions": int(pads.sum()),
             },
             recommendation=(
-                "Pass the padding mask to every attention layer (key_padding_mask / attn_mask: "
-                "set the scores of pad keys to -inf before the softmax), and ignore pad positions "
-                "in the loss (labels = -100 there). Avoid BatchNorm or pooling that averages over "
-                "pad positions."
-            ),
+                "Right padding is harmless to a causal model; if you left-pad (batched "
+                "generation), pass a padding mask built from the pad id to the attention. "
+                if not has_mask and ctx.causal
+                else ""
+            )
+            + "Pass the padding mask to every attention layer (key_padding_mask / attn_mask: "
+            "set the scores of pad keys to -inf before the softmax), and ignore pad positions "
+            "in the loss (labels = -100 there). Avoid BatchNorm or pooling that averages over "
+            "pad positions.",
         )
     ]
+
+
+def _padding_severity(has_mask: bool, causal: bool) -> Severity:
+    """An ignored attention_mask is an error. Without one in the batch the model may expect
+    no padding at all: a warning for a bidirectional model (pads anywhere reach every token),
+    info for a causal one (only left padding, as in batched generation, can reach real
+    tokens; right padding, the usual one in training, cannot)."""
+    if has_mask:
+        return Severity.ERROR
+    return Severity.INFO if causal else Severity.WARNING
 
 
 # -- position.missing ----------------------------------------------------------------------------
@@ -252,6 +271,8 @@ def check_position_missing(ctx: CheckContext) -> list[Finding]:
                 f"difference {change:.2g}): the model has no positional information and sees a "
                 "bag of tokens."
             ),
+            # where positions are usually added: the token embedding
+            where=ctx.module_name(emb) if (emb := ctx.embedding_module()) is not None else None,
             evidence={"relative_change": change, "threshold": EQUIVARIANCE_RTOL},
             recommendation=(
                 "Add positional information: sinusoidal or learned position embeddings added to "

@@ -201,7 +201,10 @@ class SystemSampler:
         """Take one sample now (also what the thread calls) and make it the latest."""
         out: dict[str, float] = {}
         with self._process.oneshot():
-            out["sys/cpu_percent"] = self._process.cpu_percent(None) / self._n_cpus
+            # Clamped: CPU time advances in clock ticks (10 ms), so over a very short interval
+            # between two samples one tick can read as several hundred percent.
+            share = self._process.cpu_percent(None) / self._n_cpus
+            out["sys/cpu_percent"] = min(100.0, max(0.0, share))
             out["sys/rss_gb"] = self._process.memory_info().rss / GB
         out["sys/cpu_percent_system"] = psutil.cpu_percent(None)
         if self._nvml is not None:

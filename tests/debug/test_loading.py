@@ -294,3 +294,13 @@ def test_deadline_restores_an_enclosing_timer() -> None:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def test_tdiag_frames_are_never_the_users() -> None:
+    # a model file at the repository root has tdiag/ below its folder: still not user code
+    from tdiag.debug import usercode
+
+    root = Path(usercode.__file__).resolve().parents[2]
+    for mod in ("tdiag/loading.py", "tdiag/debug/batches.py", "tdiag/debug/context.py"):
+        assert not usercode._is_user_frame(str(root / mod), root)
+    assert usercode._is_user_frame(str(root / "my_model.py"), root)

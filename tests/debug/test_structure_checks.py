@@ -90,6 +90,7 @@ def test_position_missing_in_encoder_without_positions() -> None:
     (f,) = run_one("b2_encoder_nopos", "position.missing").findings
     assert f.severity is Severity.ERROR
     assert f.evidence["relative_change"] < 1e-4
+    assert f.where == "embed"  # where positions would be added
 
 
 @pytest.mark.parametrize("clean", ["b2_encoder", "b2_torch_encoder"])

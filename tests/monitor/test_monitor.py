@@ -312,3 +312,30 @@ def test_cuda_check_script_exits_cleanly_without_cuda(capsys):
     spec.loader.exec_module(module)
     assert module.main([]) == 0
     assert "no CUDA device" in capsys.readouterr().out
+
+
+def test_mfu_never_exceeds_one_when_the_measured_cpu_peak_came_out_low(
+    tiny_gpt, tmp_path, monkeypatch
+):
+    """A CPU peak measured while other work held the cores is too low; the Monitor must
+    then raise the peak (a maximum) rather than report MFU above 100%."""
+    from tdiag.monitor import flops
+
+    real = flops.measure_cpu_peak
+    calls = []
+
+    def busy_then_real(dtype_key="fp32", **kw):
+        calls.append(dtype_key)
+        if len(calls) == 1:  # the first measurement: 1000x too low
+            return flops.PeakFlops(real(dtype_key, **kw).value / 1000, "measured: busy", "")
+        return real(dtype_key, **kw)
+
+    monkeypatch.setattr(flops, "measure_cpu_peak", busy_then_real)
+    flops._MEASURED.clear()
+    sink = ListSink()
+    with Monitor(tiny_gpt, None, sinks=[sink], **quiet_options(tmp_path, log_every=2)) as mon:
+        train_loop(tiny_gpt, mon, 6)
+        info = mon.perf_info
+    mfus = [v for _, v in sink.series("perf/mfu")]
+    assert mfus and all(0 < v <= 1.0 for v in mfus)
+    assert len(calls) >= 2 and "raised to" in info["peak_source"]

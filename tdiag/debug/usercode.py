@@ -1,0 +1,164 @@
+"""Errors in a user's model file, with only the user's frames of the traceback, and the
+deadline that stops a forward pass running forever.
+
+Used by :mod:`tdiag.loading` (re-exported there): every way a file can fail to load or run
+becomes a :class:`LoadError` naming the cause in one paragraph; ``tdiag check`` turns it into
+exit code 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import FrameType
+
+from tdiag.findings import TdiagError
+
+__all__ = ["LoadError", "deadline", "fail", "user_traceback"]
+
+logger = logging.getLogger(__name__)
+
+#: The tdiag package: its frames are never shown as the user's.
+_TDIAG_DIR = Path(__file__).resolve().parents[1]
+
+
+class LoadError(TdiagError):
+    """The model file could not be loaded or run.
+
+    Attributes:
+        cause: a short stable key: missing-file, not-python, syntax-error, import-error,
+            no-factory, factory-raised, not-a-module, no-vocab, batch-raised, bad-batch,
+            forward-raised, bad-output, loss-raised, bad-loss, exit-called, timeout.
+        message: one paragraph naming the cause.
+        user_traceback: the user's frames of the traceback ("" when none).
+    """
+
+    def __init__(self, message: str, *, cause: str, user_traceback: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.cause = cause
+        self.user_traceback = user_traceback
+
+    def __str__(self) -> str:
+        if self.user_traceback:
+            return f"{self.message}\n\n{self.user_traceback.rstrip()}"
+        return self.message
+
+
+class _Alarm(BaseException):
+    """Raised by the SIGALRM handler. A BaseException so that a user's ``except Exception``
+    inside a looping forward cannot swallow it."""
+
+
+# -- traceback filtering ---------------------------------------------------------------------
+
+
+def _is_user_frame(filename: str, user_dir: Path) -> bool:
+    try:
+        p = Path(filename).resolve()
+    except (OSError, ValueError):
+        return False
+    parts = set(p.parts)
+    if "site-packages" in parts or "dist-packages" in parts:
+        return False
+    if _TDIAG_DIR in p.parents:
+        return False
+    return user_dir in p.parents
+
+
+def user_traceback(exc: BaseException, user_file: Path) -> str:
+    """The frames of ``exc``'s traceback (and its causes) that lie in the user's folder,
+    plus the exception line; "" when none."""
+    user_dir = user_file.resolve().parent
+    lines: list[str] = []
+    if isinstance(exc, SyntaxError):
+        return "".join(traceback.format_exception_only(type(exc), exc)).rstrip()
+    frames = [
+        f for f in traceback.extract_tb(exc.__traceback__) if _is_user_frame(f.filename, user_dir)
+    ]
+    if frames:
+        lines.append("Traceback (your code only):\n")
+        lines.extend(traceback.format_list(frames))
+    lines.extend(traceback.format_exception_only(type(exc), exc))
+    return "".join(lines).rstrip()
+
+
+def fail(cause: str, message: str, exc: BaseException | None, user_file: Path) -> LoadError:
+    """A LoadError with ``message`` and the user's frames of ``exc``'s traceback."""
+    tb = user_traceback(exc, user_file) if exc is not None else ""
+    return LoadError(message, cause=cause, user_traceback=tb)
+
+
+# -- timeout ---------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def deadline(
+    seconds: float | None,
+    *,
+    user_file: Path | None = None,
+    what: Callable[[], str] = lambda: "running the checks",
+) -> Iterator[None]:
+    """Raise ``LoadError(cause="timeout")`` when the block runs longer than ``seconds``.
+
+    Uses SIGALRM in the main thread: it stops Python-level code (a forward that loops
+    forever). Limitation: a single long native call (one huge matmul, a blocking CUDA
+    kernel) is interrupted only when it returns to Python; outside the main thread or on
+    platforms without SIGALRM no deadline is enforced (logged).
+    """
+    usable = (
+        seconds is not None
+        and seconds > 0
+        and math.isfinite(seconds)
+        and hasattr(signal, "setitimer")
+        and threading.current_thread() is threading.main_thread()
+    )
+    if not usable:
+        if seconds:
+            logger.info("no timeout enforced (not the main thread, or no SIGALRM here)")
+        yield
+        return
+
+    def on_alarm(signum: int, frame: FrameType | None) -> None:
+        raise _Alarm()
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    outer_delay, outer_interval = signal.setitimer(signal.ITIMER_REAL, seconds)
+    started = time.monotonic()
+    try:
+        yield
+    except _Alarm as exc:
+        raise LoadError(
+            f"stopped after {seconds:g} s (--timeout) while {what()}; a forward "
+            "pass that never returns (an endless loop?) is the usual cause. A model that is "
+            "only slow: raise --timeout, or --skip the slow check.",
+            cause="timeout",
+            user_traceback=_where_stuck(exc, user_file),
+        ) from None
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        if outer_delay > 0:  # an enclosing timer (pytest-timeout, the caller's): give it back
+            remaining = outer_delay - (time.monotonic() - started)
+            signal.setitimer(signal.ITIMER_REAL, max(remaining, 1e-3), outer_interval)
+
+
+def _where_stuck(exc: BaseException, user_file: Path | None) -> str:
+    if user_file is None:
+        return ""
+    user_dir = user_file.resolve().parent
+    frames = [
+        f
+        for f in traceback.extract_tb(exc.__traceback__)
+        if _is_user_frame(f.filename, user_dir) and f.name != "on_alarm"
+    ]
+    if not frames:
+        return ""
+    return "Where it was running (your code only):\n" + "".join(traceback.format_list(frames[-5:]))
