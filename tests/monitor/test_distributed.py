@@ -39,6 +39,9 @@ def _worker(rank: int, port: int, out: str) -> None:
             **_fsdp_phase(rank, Path(out)),
         }
         Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+        # Rank 0 hosts the TCP store: leaving before rank 1 is done with it aborts rank 1
+        # ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
