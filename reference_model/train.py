@@ -825,6 +825,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if rank == 0 and args.sample > 0 and cfg.model.causal:
         print(sample_text(result.model, "def ", args.sample))
     if dist.is_initialized():
+        # Leave together: rank 0 hosts the rendezvous store, and a rank that tears down
+        # while another still talks to it can abort ("terminate called without an active
+        # exception").
+        dist.barrier()
         dist.destroy_process_group()
     return 0
 

@@ -31,4 +31,5 @@ if __name__ == "__main__":
     )
     result = train(cfg, [StopOnRankZero()])
     print(f"rank {dist.get_rank()} stopped at {result.steps}")
+    dist.barrier()  # leave together (rank 0 hosts the store)
     dist.destroy_process_group()
