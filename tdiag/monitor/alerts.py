@@ -179,15 +179,16 @@ def flops_setup(monitor: Any, perf: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def build_report_safely(run_dir: Path) -> None:
-    """``tdiag.report.build_report(run_dir)`` when it exists; a failure is logged, never raised."""
+def build_report_safely(run_dir: Path, console: Any = None) -> None:
+    """``tdiag.report.build_report(run_dir)`` when it exists; a failure is logged, never raised.
+    ``console``: a rich Console for the report's short terminal summary (None: no summary)."""
     try:
         from tdiag.report import build_report
     except ImportError:
         logger.debug("tdiag.report.build_report is not available; no report written")
         return
     try:
-        build_report(run_dir)
+        build_report(run_dir, console=console)
     except Exception as exc:  # the report must never turn a finished run into a crash
         logger.warning("tdiag: building the report failed (%s: %s)", type(exc).__name__, exc)
         logger.debug("traceback", exc_info=exc)

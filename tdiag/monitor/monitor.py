@@ -383,10 +383,19 @@ class Monitor(CallbackAliases):
         if self.rank.is_main:
             guarded(lambda: write_end_meta(self), "updating meta.json")
             if self.options.report:
-                alerts.build_report_safely(self.run_dir)
+                alerts.build_report_safely(self.run_dir, self._summary_console())
         self._signals.restore()
 
     # -- context manager, callback aliases, resume -----------------------------------------
+    def _summary_console(self) -> Any:
+        """The live console's rich Console, for the report's summary (None when quiet/off)."""
+        from tdiag.monitor.sinks import ConsoleSink
+
+        for sink in self.sinks.sinks:
+            if isinstance(sink, ConsoleSink) and not sink.quiet:
+                return sink.console
+        return None
+
     def __enter__(self) -> Monitor:
         return self
 

@@ -166,12 +166,14 @@ def test_report_is_built_on_close_and_its_failure_is_not_raised(
     tmp_path, tiny_gpt, monkeypatch, caplog
 ):
     calls = []
-    monkeypatch.setattr(tdiag.report, "build_report", lambda run_dir: calls.append(run_dir))
+    monkeypatch.setattr(
+        tdiag.report, "build_report", lambda run_dir, console=None: calls.append(run_dir)
+    )
     with Monitor(tiny_gpt, **quiet_options(tmp_path, report=True)) as mon:
         train_loop(tiny_gpt, mon, 2)
     assert calls == [tmp_path / "run"]
 
-    def broken(run_dir):
+    def broken(run_dir, console=None):
         raise KeyError("no such column")
 
     monkeypatch.setattr(tdiag.report, "build_report", broken)
@@ -186,6 +188,24 @@ def test_real_report_is_written(tmp_path, tiny_gpt):
     with Monitor(tiny_gpt, **quiet_options(tmp_path, report=True, log_every=2)) as mon:
         train_loop(tiny_gpt, mon, 6)
     assert (tmp_path / "run" / "report.json").exists()
+
+
+def test_report_summary_goes_to_the_live_console_unless_quiet(tmp_path, tiny_gpt):
+    import io
+
+    from rich.console import Console
+
+    from tdiag.monitor.sinks import ConsoleSink
+
+    for quiet in (False, True):
+        buf = io.StringIO()
+        console = Console(file=buf, width=100, force_terminal=False, color_system=None)
+        opts = quiet_options(tmp_path / str(quiet), report=True, log_every=2)
+        sink = ConsoleSink(total_steps=6, quiet=quiet, console=console)
+        with Monitor(tiny_gpt, sinks=[sink], **opts) as mon:
+            train_loop(tiny_gpt, mon, 6)
+        text = buf.getvalue()
+        assert ("report.html" in text) is (not quiet), text
 
 
 def test_callback_aliases(tmp_path, tiny_gpt):
