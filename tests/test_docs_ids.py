@@ -40,9 +40,16 @@ def test_registries_are_not_empty() -> None:
     assert len(_rule_ids()) >= 5
 
 
-@pytest.mark.parametrize("source", ["check", "rule"])
+def _live_ids() -> list[str]:
+    """Ids the Monitor raises live (tdiag/monitor/alerts.py builds them as literals)."""
+    text = (Path(__file__).parents[1] / "tdiag" / "monitor" / "alerts.py").read_text()
+    return sorted(set(re.findall(r'id="([a-z]+\.[a-z0-9-]+)"', text)))
+
+
+@pytest.mark.parametrize("source", ["check", "rule", "live"])
 def test_every_id_has_its_anchor(source: str) -> None:
-    ids = _check_ids() if source == "check" else _rule_ids()
+    ids = {"check": _check_ids, "rule": _rule_ids, "live": _live_ids}[source]()
+    assert ids
     anchors = _anchors()
     missing = [i for i in ids if i.replace(".", "-") not in anchors]
     assert not missing, f"docs/checks.md lacks <a id=...> anchors for {missing}"
