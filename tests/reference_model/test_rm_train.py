@@ -282,6 +282,19 @@ def test_cli_main_runs(tmp_path: Path, capsys) -> None:
     assert main(["--lr", "-1", "--quiet"]) == 2
 
 
+_GLOO_TEARDOWN_ABORT = "terminate called without an active exception"
+
+
+def _run_torchrun(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """Run torchrun; once more if a rank aborted in gloo's C++ teardown after the work was
+    done (a rare race inside torch at process exit on a loaded 2-core machine, seen even
+    with a barrier before destroy_process_group). Any other failure is returned as is."""
+    proc = subprocess.run(cmd, **kwargs)
+    if proc.returncode != 0 and _GLOO_TEARDOWN_ABORT in proc.stderr:
+        proc = subprocess.run(cmd, **kwargs)
+    return proc
+
+
 @pytest.mark.slow
 def test_ddp_two_processes_equal_single_process(tmp_path: Path) -> None:
     """torchrun, 2 ranks x 4 sequences (gloo) == 1 process x 8 sequences: same all-reduced
@@ -314,7 +327,7 @@ def test_ddp_two_processes_equal_single_process(tmp_path: Path) -> None:
         "0",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
+    proc = _run_torchrun(
         [
             str(torchrun),
             "--standalone",
@@ -417,7 +430,7 @@ def test_ddp_stop_on_one_rank_stops_all(tmp_path: Path) -> None:
     """A stop asked on rank 0 only is agreed at the next log step: no rank hangs."""
     torchrun = Path(sys.executable).with_name("torchrun")
     worker = Path(__file__).with_name("ddp_stop_worker.py")
-    proc = subprocess.run(
+    proc = _run_torchrun(
         [str(torchrun), "--standalone", "--nproc_per_node", "2", str(worker), str(tmp_path)],
         cwd=REPO,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
