@@ -3,7 +3,10 @@
 A check that raises is reported with status "error" and the message, never a crash; a
 check raising :class:`SkipCheck` is "skipped" with the reason. After each check the model's
 train/eval modes, ``requires_grad`` flags and ``.grad`` tensors are put back, so one check
-cannot change what the next one sees.
+cannot change what the next one sees. When ``--timeout`` is reached in the middle of the
+checks, the finished checks keep their results, the running one is "error" ("timed out after
+N s") and the others are "skipped" ("not run: --timeout reached"); ``tdiag check`` prints them
+and exits 2.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 from tdiag.debug import CHECKS  # importing the package registers every family
 from tdiag.debug.context import CheckContext
 from tdiag.debug.registry import CheckSpec, SkipCheck
+from tdiag.debug.usercode import DeadlineExceeded
 from tdiag.findings import Finding, Severity, count_by_severity, sort_findings
 
 __all__ = ["CheckResult", "CheckRun", "check_command", "run_checks", "select_checks"]
@@ -32,6 +36,9 @@ __all__ = ["CheckResult", "CheckRun", "check_command", "run_checks", "select_che
 logger = logging.getLogger(__name__)
 
 STATUSES = ("pass", "fail", "skipped", "error")
+
+#: Reason of the checks left out when ``--timeout`` was reached before they started.
+NOT_RUN_REASON = "not run: --timeout reached"
 
 #: On a CPU, models below this many parameters are checked with one intra-op thread (unless
 #: OMP_NUM_THREADS is set): their ops are too small to gain from threads, and on a busy
@@ -78,11 +85,22 @@ class CheckResult:
 
 @dataclass
 class CheckRun:
-    """All results of one run, in the order the checks ran."""
+    """All results of one run, in the order the checks ran.
+
+    Attributes:
+        results: one per selected check.
+        seconds: wall time of the run.
+        meta: model and batch description.
+        timed_out: the :class:`DeadlineExceeded` that stopped the run (``--timeout`` reached
+            while ``timed_out_check`` was running), else None. The run is then incomplete.
+        timed_out_check: the id of the check that was running at the deadline.
+    """
 
     results: list[CheckResult]
     seconds: float = 0.0
     meta: dict[str, Any] = field(default_factory=dict)
+    timed_out: DeadlineExceeded | None = None
+    timed_out_check: str | None = None
 
     @property
     def findings(self) -> list[Finding]:
@@ -97,7 +115,7 @@ class CheckRun:
         """Contract 2's object for ``tdiag check --json``."""
         from tdiag import __version__
 
-        return {
+        out: dict[str, Any] = {
             "tdiag_version": __version__,
             "target": target,
             "summary": self.summary,
@@ -109,6 +127,9 @@ class CheckRun:
             ],
             "findings": [f.to_dict() for f in self.findings],
         }
+        if self.timed_out is not None:  # extra key, only on an incomplete run (exit code 2)
+            out["timed_out"] = {"check": self.timed_out_check, "seconds": self.timed_out.seconds}
+        return out
 
 
 def _split(ids: str | Iterable[str] | None) -> list[str]:
@@ -230,12 +251,38 @@ def run_checks(
     """
     specs = select_checks(only, skip)
     t0 = time.perf_counter()
-    results = []
+    results: list[CheckResult] = []
+    timed_out: DeadlineExceeded | None = None
+    timed_out_check: str | None = None
     for i, spec in enumerate(specs):
-        if on_start is not None:
-            on_start(spec, i, len(specs))
-        results.append(_run_one(spec, ctx))
-    return CheckRun(results, time.perf_counter() - t0, meta=_meta(ctx))
+        t_check = time.perf_counter()
+        try:
+            if on_start is not None:
+                on_start(spec, i, len(specs))
+            results.append(_run_one(spec, ctx))
+        except DeadlineExceeded as exc:  # --timeout: keep what finished, report the rest
+            timed_out, timed_out_check = exc, spec.id
+            seconds = time.perf_counter() - t_check
+            results.append(
+                CheckResult(
+                    spec.id,
+                    "error",
+                    seconds,
+                    message=f"timed out after {exc.seconds:g} s (--timeout; this check ran "
+                    f"{seconds:.1f} s and was stopped)",
+                )
+            )
+            results.extend(
+                CheckResult(s.id, "skipped", 0.0, message=NOT_RUN_REASON) for s in specs[i + 1 :]
+            )
+            break
+    return CheckRun(
+        results,
+        time.perf_counter() - t0,
+        meta=_meta(ctx),
+        timed_out=timed_out,
+        timed_out_check=timed_out_check,
+    )
 
 
 def _meta(ctx: CheckContext) -> dict[str, Any]:
@@ -288,6 +335,7 @@ def check_command(
     from rich.console import Console
 
     from tdiag.debug import render
+    from tdiag.debug.usercode import where_stuck
     from tdiag.loading import LoadError, deadline, load_target, parse_target
 
     err = Console(stderr=True, highlight=False)
@@ -342,4 +390,19 @@ def check_command(
         sys.stdout.flush()
     else:
         render.render_report(run, target=target, console=Console(highlight=False))
+    if run.timed_out is not None:
+        # the file could not be fully run: Contract 1's exit code 2, with the finished checks'
+        # results printed above (stdout) and the cause on stderr
+        done = sum(r.status in ("pass", "fail") for r in run.results)
+        exc = LoadError(
+            f"stopped after {run.timed_out.seconds:g} s (--timeout) while running check "
+            f"{run.timed_out_check}; {done} check(s) finished and are reported, the others were "
+            "not run. A forward pass that never returns (an endless loop?) is the usual cause. "
+            "A model that is only slow: raise --timeout, or --skip the slow check.",
+            cause="timeout",
+            user_traceback=where_stuck(run.timed_out, path),
+        )
+        err.print("[bold red]tdiag check: error:[/] ", end="", markup=True)
+        err.print(str(exc), markup=False, highlight=False, soft_wrap=True)
+        return 2
     return 1 if run.summary["errors"] else 0

@@ -21,7 +21,7 @@ from types import FrameType
 
 from tdiag.findings import TdiagError
 
-__all__ = ["LoadError", "deadline", "fail", "user_traceback"]
+__all__ = ["DeadlineExceeded", "LoadError", "deadline", "fail", "user_traceback", "where_stuck"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,9 +52,20 @@ class LoadError(TdiagError):
         return self.message
 
 
-class _Alarm(BaseException):
-    """Raised by the SIGALRM handler. A BaseException so that a user's ``except Exception``
-    inside a looping forward cannot swallow it."""
+class DeadlineExceeded(BaseException):
+    """Raised by :func:`deadline`'s SIGALRM handler inside the running code. A BaseException
+    so that a user's ``except Exception`` inside a looping forward cannot swallow it.
+
+    :func:`tdiag.debug.runner.run_checks` catches it to keep the finished checks' results;
+    anywhere else it leaves the ``deadline`` block as ``LoadError(cause="timeout")``.
+
+    Attributes:
+        seconds: the deadline that was reached (``--timeout``).
+    """
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"timed out after {seconds:g} s")
+        self.seconds = seconds
 
 
 # -- traceback filtering ---------------------------------------------------------------------
@@ -108,6 +119,10 @@ def deadline(
 ) -> Iterator[None]:
     """Raise ``LoadError(cause="timeout")`` when the block runs longer than ``seconds``.
 
+    The alarm raises :class:`DeadlineExceeded` where the code is running; code inside the
+    block may catch it (the check runner does, to report the checks already finished) — then
+    no LoadError is raised and the block ends normally.
+
     Uses SIGALRM in the main thread: it stops Python-level code (a forward that loops
     forever). Limitation: a single long native call (one huge matmul, a blocking CUDA
     kernel) is interrupted only when it returns to Python; outside the main thread or on
@@ -127,20 +142,20 @@ def deadline(
         return
 
     def on_alarm(signum: int, frame: FrameType | None) -> None:
-        raise _Alarm()
+        raise DeadlineExceeded(seconds)
 
     previous = signal.signal(signal.SIGALRM, on_alarm)
     outer_delay, outer_interval = signal.setitimer(signal.ITIMER_REAL, seconds)
     started = time.monotonic()
     try:
         yield
-    except _Alarm as exc:
+    except DeadlineExceeded as exc:
         raise LoadError(
             f"stopped after {seconds:g} s (--timeout) while {what()}; a forward "
             "pass that never returns (an endless loop?) is the usual cause. A model that is "
             "only slow: raise --timeout, or --skip the slow check.",
             cause="timeout",
-            user_traceback=_where_stuck(exc, user_file),
+            user_traceback=where_stuck(exc, user_file),
         ) from None
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
@@ -150,7 +165,8 @@ def deadline(
             signal.setitimer(signal.ITIMER_REAL, max(remaining, 1e-3), outer_interval)
 
 
-def _where_stuck(exc: BaseException, user_file: Path | None) -> str:
+def where_stuck(exc: BaseException, user_file: Path | None) -> str:
+    """The last user frames of ``exc``'s traceback (where a timed-out run was), or ""."""
     if user_file is None:
         return ""
     user_dir = user_file.resolve().parent

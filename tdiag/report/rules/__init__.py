@@ -3,7 +3,8 @@
 ``evaluate(df, meta, events)`` runs every registered rule (one family per module:
 ``training``, ``validation``, ``optim``, ``perf``, ``memory``,
 ``dist``) and returns a :class:`RuleResult`
-with the findings (worst first: severity, then ``evidence["impact"]``), the analyses behind
+with the findings (worst first: severity, then ``evidence["impact"]``, a cause before the
+symptom it explains (:mod:`tdiag.report.rules.explains`)), the analyses behind
 them (small JSON-able numbers for report.json) and the rules skipped with their reason.
 """
 
@@ -39,10 +40,13 @@ from tdiag.report.rules._common import (
     r,
     steps_list,
 )
+from tdiag.report.rules.explains import EXPLAINS, Explains, apply_explains
 from tdiag.report.rules.registry import RULES, RuleSpec, SkipRule, register_rule
 
 __all__ = [
+    "EXPLAINS",
     "RULES",
+    "Explains",
     "RuleResult",
     "RuleSpec",
     "SkipRule",
@@ -59,7 +63,8 @@ class RuleResult:
     """What :func:`evaluate` returns.
 
     Attributes:
-        findings: ranked Findings (severity, then impact, then step).
+        findings: ranked Findings (severity, then impact, then step; within a severity a cause
+            before the symptoms it explains, which carry ``evidence["explained_by"]``).
         analyses: JSON-able numbers behind them (per metric summaries, trends, spikes…).
         skipped: ``[{"id", "reason"}]`` for each rule that did not apply.
     """
@@ -79,11 +84,15 @@ def _impact(f: Finding) -> float:
 
 
 def rank_findings(findings: Iterable[Finding]) -> list[Finding]:
-    """Worst first: severity, then ``evidence["impact"]`` (high first), then step (early first)."""
-    return sorted(
+    """Worst first: severity, then ``evidence["impact"]`` (high first), then step (early first);
+    then, within one severity, a cause before the symptoms it explains
+    (:func:`tdiag.report.rules.explains.apply_explains`: the symptoms get
+    ``evidence["explained_by"]``)."""
+    ranked = sorted(
         findings,
         key=lambda f: (f.severity.rank, -_impact(f), f.step if f.step is not None else -1),
     )
+    return apply_explains(ranked)
 
 
 def evaluate(
