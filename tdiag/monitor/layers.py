@@ -10,7 +10,9 @@ While armed:
   execution order) whose output was non-finite;
 - an :class:`~tdiag.hooks.AttentionCapture`, entered by a forward pre-hook on the root module
   and left by its forward hook, sees every attention softmax / SDPA ->
-  ``attn/entropy/<layer>`` (nats, mean over query rows) and ``attn/max_logit/<layer>``;
+  ``attn/entropy/<layer>`` (nats, mean over query rows: at most
+  ``tdiag.hooks.ATTN_SAMPLE_ROWS`` evenly spread rows, so the cost is O(rows x L), not
+  O(L²)) and ``attn/max_logit/<layer>`` (over the same rows);
 - the root module's forward hook takes the output logits -> ``logits/max_abs`` and
   ``logits/log_z`` (mean over positions of ``logsumexp`` over the vocabulary).
 With several forwards in one step (gradient accumulation) the last one's values are kept.

@@ -206,3 +206,192 @@ def test_hooks_never_raise_in_the_hot_path(tiny_gpt: nn.Module, monkeypatch) -> 
         tiny_gpt(x).sum().backward()  # must not raise
     assert act.records == [] and act.errors > 0
     assert grad.records == [] and grad.errors > 0
+
+
+# -- bounded SDPA recomputation: sampled query rows / batch*head slices, chunked ---------------
+
+
+def _naive_sdpa_scores(q, k, *, mask=None, causal=None, scale=None, gqa=False):
+    """SDPA's reference maths in float64: (raw scaled scores, masked scores), both (..., L, S).
+
+    causal: None, "upper_left" (SDPA's is_causal) or "lower_right".
+    """
+    q, k = q.double(), k.double()
+    if gqa:
+        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    raw = q @ k.transpose(-2, -1) * scale
+    L, S = raw.shape[-2:]
+    s = raw
+    if causal is not None:
+        diag = 0 if causal == "upper_left" else S - L
+        s = s.masked_fill(~torch.ones(L, S, dtype=torch.bool).tril(diagonal=diag), float("-inf"))
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.double()
+    return raw, s
+
+
+def _entropy_rows(p: torch.Tensor) -> torch.Tensor:
+    return -torch.special.xlogy(p, p).sum(-1)  # (..., L)
+
+
+def _padding_mask(B: int, S: int) -> torch.Tensor:
+    mask = torch.ones(B, 1, 1, S, dtype=torch.bool)
+    mask[0, ..., S - 5 :] = False  # sequence 0 is padded at the end
+    return mask
+
+
+@pytest.mark.parametrize("variant", ["causal", "padding", "additive", "scale", "gqa"])
+def test_sdpa_sampled_rows_match_naive_on_those_rows(variant: str, monkeypatch) -> None:
+    import tdiag.hooks as hooks
+
+    monkeypatch.setattr(hooks, "ATTN_SAMPLE_ROWS", 8)
+    torch.manual_seed(0)
+    B, H, L, E = 2, 4, 64, 8
+    q, k, v = (torch.randn(B, H, L, E) * 2 for _ in range(3))
+    kw: dict = {}
+    ref_kw: dict = {}
+    if variant == "causal":
+        kw, ref_kw = {"is_causal": True}, {"causal": "upper_left"}
+    elif variant == "padding":
+        mask = _padding_mask(B, L)
+        kw, ref_kw = {"attn_mask": mask}, {"mask": mask}
+    elif variant == "additive":
+        bias = torch.randn(L, L)
+        kw, ref_kw = {"attn_mask": bias}, {"mask": bias}
+    elif variant == "scale":
+        kw, ref_kw = {"scale": 0.7, "is_causal": True}, {"scale": 0.7, "causal": "upper_left"}
+    else:
+        k, v = k[:, :2], v[:, :2]
+        kw, ref_kw = {"enable_gqa": True}, {"gqa": True}
+    with AttentionCapture() as cap:
+        F.scaled_dot_product_attention(q, k, v, **kw)
+    (call,) = cap.calls
+    rows = torch.arange(8) * (L - 1) // 7  # evenly spread, first and last row included
+    assert torch.equal(hooks.attention_sample_indices(L, 8), rows)
+    assert call.sample == (8, B * H) and call.shape == (B, H, L, L) and call.probs is None
+    raw, s = _naive_sdpa_scores(q, k, **ref_kw)
+    ent = _entropy_rows(s.softmax(-1))  # (B, H, L)
+    expected = ent[..., rows].mean().item()
+    assert call.entropy.item() == pytest.approx(expected, rel=1e-5)
+    assert call.max_logit.item() == pytest.approx(raw[..., rows, :].max().item(), rel=1e-5)
+    if variant == "causal":  # the sample is not the full mean: the test can tell them apart
+        assert abs(ent.mean().item() - expected) > 1e-3
+
+
+def test_sdpa_small_inputs_are_exact_without_keep_probs(monkeypatch) -> None:
+    import tdiag.hooks as hooks
+
+    monkeypatch.setattr(hooks, "ATTN_SAMPLE_ROWS", 16)
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(2, 3, 16, 8) for _ in range(3))
+    mask = _padding_mask(2, 16)
+    with AttentionCapture() as cap:
+        F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    for call, ref_kw in zip(cap.calls, ({"causal": "upper_left"}, {"mask": mask}), strict=True):
+        raw, s = _naive_sdpa_scores(q, k, **ref_kw)
+        assert call.sample is None
+        assert call.entropy.item() == pytest.approx(_entropy_rows(s.softmax(-1)).mean().item())
+        assert call.max_logit.item() == pytest.approx(raw.max().item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["rect-causal", "lower-right", "gqa", "padding", "3d"])
+def test_sdpa_kept_probs_reproduce_sdpa_output(variant: str) -> None:
+    """The recomputed probabilities follow SDPA's own semantics: probs @ v == its output."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    torch.manual_seed(2)
+    q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 4, 9, 8), torch.randn(2, 4, 9, 8)
+    kw: dict = {}
+    if variant == "rect-causal":  # L != S: SDPA's is_causal is top-left aligned
+        kw = {"is_causal": True}
+    elif variant == "lower-right":
+        kw = {"attn_mask": causal_lower_right(5, 9)}
+    elif variant == "gqa":
+        k, v = k[:, :2], v[:, :2]
+        kw = {"enable_gqa": True}
+    elif variant == "padding":
+        kw = {"attn_mask": _padding_mask(2, 9)}
+    else:
+        q, k, v = q[0], k[0], v[0]
+    with AttentionCapture(keep_probs=True) as cap:
+        out = F.scaled_dot_product_attention(q, k, v, **kw)
+    (call,) = cap.calls
+    if variant == "gqa":
+        v = v.repeat_interleave(2, dim=-3)
+    assert call.sample is None and call.probs.shape == call.shape == (*q.shape[:-1], 9)
+    assert torch.allclose(call.probs @ v, out, atol=1e-5)
+
+
+def test_sdpa_slices_are_sampled_beyond_the_score_budget(monkeypatch) -> None:
+    import tdiag.hooks as hooks
+
+    monkeypatch.setattr(hooks, "ATTN_SAMPLE_ROWS", 8)
+    monkeypatch.setattr(hooks, "ATTN_SAMPLE_SCORES", 3 * 8 * 32)  # 3 slices of 8 rows x 32 keys
+    torch.manual_seed(3)
+    B, H, L = 2, 4, 32
+    q, k, v = (torch.randn(B, H, L, 8) * 2 for _ in range(3))
+    with AttentionCapture() as cap:
+        F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    (call,) = cap.calls
+    slices = hooks.attention_sample_indices(B * H, 3)
+    rows = hooks.attention_sample_indices(L, 8)
+    assert call.sample == (8, 3) and slices.tolist() == [0, 3, 7]
+    raw, s = _naive_sdpa_scores(q, k, causal="upper_left")
+    ent = _entropy_rows(s.softmax(-1)).reshape(B * H, L)[slices][:, rows]
+    assert call.entropy.item() == pytest.approx(ent.mean().item(), rel=1e-5)
+    raw_sel = raw.reshape(B * H, L, L)[slices][:, rows]
+    assert call.max_logit.item() == pytest.approx(raw_sel.max().item(), rel=1e-5)
+
+
+class _LargestTensor(torch.overrides.TorchFunctionMode):
+    """Records the largest tensor any torch function returns (the capture's own ops included:
+    while a mode handles a call, the calls it makes go to the mode below it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, tuple | list) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("chunk_scores", [None, 8 * 64])
+def test_sdpa_recomputation_memory_is_rows_times_keys(chunk_scores, monkeypatch) -> None:
+    import tdiag.hooks as hooks
+
+    monkeypatch.setattr(hooks, "ATTN_SAMPLE_ROWS", 8)
+    if chunk_scores is not None:
+        monkeypatch.setattr(hooks, "ATTN_CHUNK_SCORES", chunk_scores)
+    B, H, L, E = 2, 2, 64, 2
+    q, k, v = (torch.randn(B, H, L, E) for _ in range(3))
+    mask = _padding_mask(B, L).expand(B, H, L, L).clone()  # a full (B, H, L, S) boolean mask
+    spy = _LargestTensor()
+    with spy, AttentionCapture() as cap:
+        F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert len(cap.calls) == 1 and cap.calls[0].sample == (8, B * H)
+    per_chunk = 8 * L * (1 if chunk_scores else B * H)  # scores of the sampled rows
+    assert spy.largest <= max(per_chunk, q.numel())  # q.numel(): SDPA's own output
+    assert spy.largest < B * H * L * L // 4
+    with spy, AttentionCapture(keep_probs=True):  # asking for the probs costs them all
+        F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert spy.largest >= B * H * L * L
+
+
+def test_softmax_entropy_uses_the_same_row_sample(monkeypatch) -> None:
+    import tdiag.hooks as hooks
+
+    monkeypatch.setattr(hooks, "ATTN_SAMPLE_ROWS", 8)
+    s = torch.randn(2, 3, 64, 64) * 3
+    with AttentionCapture() as cap:
+        p = s.softmax(-1)
+    (call,) = cap.calls
+    rows = hooks.attention_sample_indices(64, 8)
+    assert call.sample == (8, 6)
+    assert call.entropy.item() == pytest.approx(_entropy_rows(p[..., rows, :]).mean().item())
+    assert call.max_logit.item() == s.max().item()
