@@ -32,6 +32,12 @@ logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 DEFAULT_MAX_BYTES = 3_000_000
+
+
+class DataError(ValueError):
+    """The corpus cannot be used: a missing path, no text, too little text for a batch."""
+
+
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "idlelib", "turtledemo"}
 
 
@@ -94,7 +100,8 @@ def load_corpus(
     the validation split. At most ``max_bytes`` are read.
 
     Raises:
-        ValueError: the path does not exist, or holds no text, or val_fraction is not in (0, 1).
+        DataError: the path does not exist, or holds no text (or too little to split).
+        ValueError: val_fraction is not in (0, 1).
     """
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
@@ -104,12 +111,12 @@ def load_corpus(
     else:
         root, suffixes, source = Path(path), None, str(path)
         if not root.exists():
-            raise ValueError(f"corpus path does not exist: {str(path)!r}")
+            raise DataError(f"corpus path does not exist: {str(path)!r}")
     if root.is_file():
         data = root.read_bytes()[:max_bytes]
         cut = int(len(data) * (1 - val_fraction))
         if cut == 0 or cut == len(data):
-            raise ValueError(f"corpus file is too small to split: {str(path)!r}")
+            raise DataError(f"corpus file is too small to split: {str(path)!r}")
         return Corpus(train=[data[:cut]], val=[data[cut:]], source=source)
     train: list[bytes] = []
     val: list[bytes] = []
@@ -130,7 +137,7 @@ def load_corpus(
     if val == [] and len(train) > 1:  # unlucky hashes: still validate on something
         val.append(train.pop())
     if not train or not val:
-        raise ValueError(f"no text (or too little to split) under {str(root)!r}")
+        raise DataError(f"no text (or too little to split) under {str(root)!r}")
     return Corpus(train=train, val=val, source=source)
 
 
@@ -204,7 +211,7 @@ class ChunkBatcher:
         self.n_chunks = len(tokens) // seq_len
         per_step = batch_size * world_size
         if self.n_chunks < per_step:
-            raise ValueError(
+            raise DataError(
                 f"corpus too small: {len(tokens)} tokens make {self.n_chunks} chunks of {seq_len}, "
                 f"need at least {per_step}"
             )
@@ -258,14 +265,14 @@ class DocumentBatcher:
         shuffle: bool = True,
     ) -> None:
         if not docs:
-            raise ValueError("DocumentBatcher needs at least one document")
+            raise DataError("no documents (paragraphs of at least 16 bytes) in the corpus")
         self.docs = [torch.frombuffer(bytearray(d[:max_seq_len]), dtype=torch.uint8) for d in docs]
         self.lengths = torch.tensor([len(d) for d in self.docs])
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.bucket, self.bucket_batches, self.shuffle = bucket, bucket_batches, shuffle
         per_step = batch_size * world_size
         if len(self.docs) < per_step:
-            raise ValueError(
+            raise DataError(
                 f"{len(self.docs)} documents are fewer than one step needs ({per_step})"
             )
         self.batches_per_epoch = len(self.docs) // per_step

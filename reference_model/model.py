@@ -379,30 +379,56 @@ class Transformer(nn.Module):
         greedy: bool = False,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """Continue the prompt with a KV cache; returns (B, L + max_new_tokens)."""
+        """Continue the prompt with a KV cache; returns (B, L + max_new_tokens).
+
+        Args:
+            input_ids: (B, L) prompt, no padding.
+            max_new_tokens: tokens to append (>= 0).
+            temperature: divides the logits before sampling (> 0 unless greedy).
+            top_k: sample only among the k most likely tokens (>= 1); None = all.
+            greedy: take the argmax (temperature and top_k are then ignored).
+            generator: random generator for sampling.
+
+        Raises:
+            ValueError: an encoder model; bad temperature / top_k / max_new_tokens; a total
+                length beyond max_seq_len with learned positions (sinusoidal, RoPE and no
+                positions go on past it).
+        """
         if not self.config.causal:
             raise ValueError("generate() needs a causal model (causal=True)")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens!r}")
         if temperature <= 0 and not greedy:
             raise ValueError(f"temperature must be > 0, got {temperature!r} (or use greedy=True)")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or None, got {top_k!r}")
+        total = input_ids.shape[1] + max_new_tokens
+        if self.config.pos_encoding == "learned" and total > self.config.max_seq_len:
+            raise ValueError(
+                f"prompt + max_new_tokens = {total} > max_seq_len={self.config.max_seq_len}: "
+                "learned positions do not extrapolate"
+            )
         was_training = self.training
         self.eval()
-        cache = KVCache.empty(len(self.blocks))
-        out = input_ids
-        logits = self(input_ids, kv_cache=cache).logits[:, -1]  # (B, V)
-        for _ in range(max_new_tokens):
-            logits = logits.float()
-            logits[:, self.config.pad_id] = float("-inf")  # never emit padding
-            if greedy:
-                nxt = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)  # (B, 1)
-            out = torch.cat([out, nxt], dim=1)
-            logits = self(nxt, kv_cache=cache).logits[:, -1]
-        self.train(was_training)
+        try:
+            cache = KVCache.empty(len(self.blocks))
+            out = input_ids
+            logits = self(input_ids, kv_cache=cache).logits[:, -1]  # (B, V)
+            for _ in range(max_new_tokens):
+                logits = logits.float()
+                logits[:, self.config.pad_id] = float("-inf")  # never emit padding
+                if greedy:
+                    nxt = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+                else:
+                    logits = logits / temperature
+                    if top_k is not None:
+                        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                        logits = logits.masked_fill(logits < kth, float("-inf"))
+                    nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)  # (B, 1)
+                out = torch.cat([out, nxt], dim=1)
+                logits = self(nxt, kv_cache=cache).logits[:, -1]
+        finally:
+            self.train(was_training)
         return out
 
 
@@ -414,16 +440,25 @@ def lm_loss(
     label_smoothing: float = 0.0,
     reduction: str = "mean",
 ) -> Tensor:
-    """Cross-entropy; a causal model predicts labels[t+1] from position t."""
+    """Cross-entropy; a causal model predicts labels[t+1] from position t.
+
+    ``reduction="mean"`` averages over the labels that are not ignored, as
+    ``F.cross_entropy`` does, except that a batch with no label at all (all padding) gives
+    0 instead of 0/0 = NaN.
+    """
     if causal:
         logits, labels = logits[:, :-1], labels[:, 1:]
-    return F.cross_entropy(
+    flat_labels = labels.reshape(-1)
+    loss = F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]).float(),
-        labels.reshape(-1),
+        flat_labels,
         ignore_index=IGNORE_INDEX,
         label_smoothing=label_smoothing,
-        reduction=reduction,
+        reduction="sum" if reduction == "mean" else reduction,
     )
+    if reduction == "mean":
+        loss = loss / (flat_labels != IGNORE_INDEX).sum().clamp_min(1)  # on device: no sync
+    return loss
 
 
 @torch.no_grad()

@@ -24,6 +24,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ from torch import Tensor, nn
 from reference_model.config import ModelConfig
 from reference_model.data import (
     ChunkBatcher,
+    DataError,
     DocumentBatcher,
     eval_batches,
     load_corpus,
@@ -132,8 +134,28 @@ class TrainConfig:
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
-        if self.grad_clip < 0 or self.warmup_steps < 0 or self.eval_every < 0:
-            raise ValueError("grad_clip, warmup_steps and eval_every must be >= 0")
+        non_negative = (
+            "grad_clip",
+            "warmup_steps",
+            "eval_every",
+            "weight_decay",
+            "early_stopping_patience",
+            "early_stopping_min_delta",
+        )
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("beta1", "beta2", "min_lr_ratio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
+        if self.eps <= 0:
+            raise ValueError(f"eps must be > 0, got {self.eps!r}")
+        if not 0.0 < self.mlm_prob < 1.0:
+            raise ValueError(f"mlm_prob must be in (0, 1), got {self.mlm_prob!r}")
+        if (self.resume or self.checkpoint_every) and not self.out_dir:
+            raise ValueError("resume and checkpoint_every need out_dir (where checkpoints live)")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every!r}")
         if self.seq_len is not None and self.seq_len < 2:
             raise ValueError(f"seq_len must be >= 2, got {self.seq_len!r}")
         if (
@@ -163,6 +185,7 @@ class TrainState:
     step: int = 0  # optimizer steps done
     loss: Tensor | None = None  # 0-d, this step's mean loss over its micro-batches
     tokens: int = 0  # input tokens this step on this rank (padding excluded)
+    padding_frac: float = 0.0  # fraction of this step's input positions that are padding
     grad_norm: Tensor | None = None  # 0-d pre-clip global norm; None when not clipping
     lr: float = 0.0
     val_loss: float | None = None
@@ -265,8 +288,11 @@ def check_runtime(cfg: TrainConfig) -> None:
     """Settings this machine cannot run (raised before anything is built).
 
     Raises:
-        ValueError: CUDA requested but absent; fp16 without CUDA.
+        ValueError: CUDA requested but absent; fp16 without CUDA; a --data path that does
+            not exist.
     """
+    if cfg.data is not None and not Path(cfg.data).exists():
+        raise ValueError(f"data path does not exist: {cfg.data!r}")
     device = resolve_device(cfg.device)
     if cfg.precision == "fp16" and device.type != "cuda":
         raise ValueError("precision 'fp16' needs CUDA (use 'bf16' on a CPU)")
@@ -282,7 +308,12 @@ def autocast_context(device: torch.device, precision: str) -> contextlib.Abstrac
 def mask_for_mlm(
     batch: dict[str, Tensor], prob: float, generator: torch.Generator
 ) -> dict[str, Tensor]:
-    """Encoder objective: corrupt a fraction of real tokens to random bytes, predict the originals."""
+    """Encoder objective: corrupt a fraction of real tokens to random bytes, predict the originals.
+
+    The trainer seeds ``generator`` from (seed, rank, micro-batch index), so the corruption of
+    a batch does not depend on what ran before it: a resumed run corrupts exactly as an
+    uninterrupted one.
+    """
     ids = batch["input_ids"]
     mask = batch.get("attention_mask", torch.ones_like(ids)).bool()
     pick = (torch.rand(ids.shape, generator=generator) < prob) & mask
@@ -292,33 +323,56 @@ def mask_for_mlm(
 
 
 def build_batchers(cfg: TrainConfig, rank: int, world: int) -> tuple[Any, Any]:
+    """Training batcher (sharded over ranks) and validation batcher (unshuffled).
+
+    A small validation split gets smaller batches rather than an error.
+
+    Raises:
+        DataError: the corpus is missing, or a split is too small (the message names it).
+    """
     corpus = load_corpus(cfg.data, max_bytes=cfg.data_max_bytes)
     L = cfg.train_seq_len
-    if cfg.batching == "chunks":
-        train_b = ChunkBatcher(
-            token_stream(corpus.train),
-            batch_size=cfg.batch_size,
-            seq_len=L,
-            seed=cfg.seed,
-            rank=rank,
-            world_size=world,
-        )
-        val_b = ChunkBatcher(
-            token_stream(corpus.val), batch_size=cfg.batch_size, seq_len=L, shuffle=False
-        )
-    else:
-        train_b = DocumentBatcher(
-            split_documents(corpus.train),
-            batch_size=cfg.batch_size,
-            max_seq_len=L,
-            seed=cfg.seed,
-            rank=rank,
-            world_size=world,
-            bucket=cfg.bucket,
-        )
-        val_b = DocumentBatcher(
-            split_documents(corpus.val), batch_size=cfg.batch_size, max_seq_len=L, shuffle=False
-        )
+    try:
+        if cfg.batching == "chunks":
+            train_b: ChunkBatcher | DocumentBatcher = ChunkBatcher(
+                token_stream(corpus.train),
+                batch_size=cfg.batch_size,
+                seq_len=L,
+                seed=cfg.seed,
+                rank=rank,
+                world_size=world,
+            )
+        else:
+            train_b = DocumentBatcher(
+                split_documents(corpus.train),
+                batch_size=cfg.batch_size,
+                max_seq_len=L,
+                seed=cfg.seed,
+                rank=rank,
+                world_size=world,
+                bucket=cfg.bucket,
+            )
+    except DataError as e:
+        raise DataError(f"training split of {corpus.source}: {e}") from None
+    try:
+        if cfg.batching == "chunks":
+            val_stream = token_stream(corpus.val)
+            val_b: ChunkBatcher | DocumentBatcher = ChunkBatcher(
+                val_stream,
+                batch_size=max(1, min(cfg.batch_size, len(val_stream) // L)),
+                seq_len=L,
+                shuffle=False,
+            )
+        else:
+            val_docs = split_documents(corpus.val)
+            val_b = DocumentBatcher(
+                val_docs,
+                batch_size=max(1, min(cfg.batch_size, len(val_docs))),
+                max_seq_len=L,
+                shuffle=False,
+            )
+    except DataError as e:
+        raise DataError(f"validation split of {corpus.source}: {e}") from None
     return train_b, val_b
 
 
@@ -358,6 +412,15 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _gather_rng_states(world: int) -> list[dict[str, Any]]:
+    """Every rank's RNG state, in rank order (a collective under DDP; checkpoint steps only)."""
+    if world == 1:
+        return [_rng_state()]
+    states: list[Any] = [None] * world
+    dist.all_gather_object(states, _rng_state())
+    return states
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
@@ -417,6 +480,29 @@ def forward_backward(
     return step_loss
 
 
+class ResumeError(ValueError):
+    """The checkpoint in out_dir cannot be resumed with this configuration."""
+
+
+def _check_resumable(path: Path, ck: dict[str, Any], cfg: TrainConfig) -> None:
+    saved = ck.get("config", {}).get("model", {})
+    diffs = {
+        k: (saved.get(k), v)
+        for k, v in asdict(cfg.model).items()
+        if k not in ("activation_checkpointing", "dropout") and saved.get(k) != v
+    }
+    if diffs:
+        shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(diffs.items()))
+        raise ResumeError(
+            f"{path} was written for another model ({shown}); "
+            "resume with the same model flags or use another --out-dir"
+        )
+
+
+def _mlm_seeded(gen: torch.Generator, seed: int, rank: int, index: int) -> torch.Generator:
+    return gen.manual_seed((seed * 1_000_003 + rank) * 1_000_003 + index)
+
+
 def _call(callbacks: Sequence[object], hook: str, state: TrainState) -> None:
     for cb in callbacks:
         fn = getattr(cb, hook, None)
@@ -465,6 +551,11 @@ def train(
 
     Returns:
         TrainResult with the final losses and the trained (bare) model.
+
+    Raises:
+        ValueError: settings this machine cannot run (see :func:`check_runtime`).
+        DataError: the corpus is missing or too small for one step's batches.
+        ResumeError: ``resume`` with a checkpoint written for another model.
     """
     check_runtime(cfg)
     rank, world, device = _setup_distributed(cfg.device)
@@ -472,6 +563,8 @@ def train(
     random.seed(cfg.seed)
 
     model = Transformer(cfg.model).to(device)  # same seed on every rank: same init
+    if world > 1:  # ... but each rank its own dropout masks, as its own data
+        torch.manual_seed(cfg.seed + rank)
     train_b, val_b = build_batchers(cfg, rank, world)
     val_set = eval_batches(val_b, cfg.eval_batches)
     optimizer = torch.optim.AdamW(
@@ -504,50 +597,66 @@ def train(
         device=device,
     )
     val_history: list[tuple[int, float]] = []
+    stopped_early = False
     if cfg.resume and ckpt_path is not None and ckpt_path.exists():
         # CPU first: RNG states must stay CPU tensors; load_state_dict moves the rest.
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        _check_resumable(ckpt_path, ck, cfg)
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
-        scaler.load_state_dict(ck["scaler"])
+        if ck["scaler"]:  # empty when saved by a disabled scaler (an fp32/bf16 run)
+            scaler.load_state_dict(ck["scaler"])
         stopper.load_state_dict(ck["early_stopping"])
-        _set_rng_state(ck["rng"])
+        per_rank = ck.get("rng_per_rank") or []
+        _set_rng_state(per_rank[rank] if len(per_rank) == world else ck["rng"])
         state.step, state.lr = int(ck["step"]), scheduler.get_last_lr()[0]
         val_history = [(int(s), float(v)) for s, v in ck["val_history"]]
+        stopped_early = bool(ck.get("stopped_early", False))
         if rank == 0:
             logger.info("resumed from %s at step %d", ckpt_path, state.step)
+            if stopped_early:
+                logger.info("that run had stopped early (no val/loss improvement): not resuming")
 
-    def checkpoint_payload() -> dict[str, Any]:
+    def checkpoint_payload(rng_per_rank: list[dict[str, Any]]) -> dict[str, Any]:
         return {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(),
             "early_stopping": stopper.state_dict(),
-            "rng": _rng_state(),
+            "rng": rng_per_rank[0],
+            "rng_per_rank": rng_per_rank,  # DDP: every rank resumes its own dropout stream
             "step": state.step,
             "config": asdict(cfg),
             "val_history": [list(x) for x in val_history],
+            "stopped_early": stopped_early,
         }
 
-    mlm_gen = torch.Generator().manual_seed(cfg.seed + 1 + rank)
+    mlm_gen = torch.Generator()
     causal = cfg.model.causal
-    stopped_early = False
     model.train()
     _call(callbacks, "on_train_start", state)
-    stop = False  # agreed by all ranks (DDP: a rank that left alone would hang the others)
+    # agreed by all ranks (DDP: a rank that left alone would hang the others); every rank
+    # read the same checkpoint, so a resumed early stop is agreed too.
+    stop = stopped_early
     while state.step < cfg.steps and not stop:
         t0 = time.perf_counter()
         micro = list(
             _micro_batches(train_b, state.step * cfg.grad_accum, cfg.grad_accum, batch_transform)
         )
         if not causal:
-            micro = [mask_for_mlm(b, cfg.mlm_prob, mlm_gen) for b in micro]
-        state.tokens = sum(
+            first = state.step * cfg.grad_accum
+            micro = [
+                mask_for_mlm(b, cfg.mlm_prob, _mlm_seeded(mlm_gen, cfg.seed, rank, first + i))
+                for i, b in enumerate(micro)
+            ]
+        positions = sum(b["input_ids"].numel() for b in micro)
+        state.tokens = sum(  # host tensors: no device sync
             int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
             for b in micro
         )
+        state.padding_frac = 1.0 - state.tokens / max(positions, 1)
         n_labels = sum(count_labels(b, causal=causal) for b in micro)  # host tensors: no sync
         micro = [{k: v.to(device, non_blocking=True) for k, v in b.items()} for b in micro]
         state.data_time = time.perf_counter() - t0
@@ -570,7 +679,14 @@ def train(
             state.grad_norm = None
         scaler.step(optimizer)
         scaler.update()
-        scheduler.step()
+        if scaler.is_enabled():
+            with warnings.catch_warnings():
+                # fp16: GradScaler skips optimizer.step() on an overflow while the schedule
+                # still advances (as in HF Trainer); LambdaLR warns if that is the first step.
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler")
+                scheduler.step()
+        else:
+            scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
         state.step += 1
@@ -585,6 +701,14 @@ def train(
             val_history.append((state.step, state.val_loss))
             if stopper.update(state.val_loss):
                 state.should_stop, stopped_early = True, True
+                if rank == 0:
+                    logger.info(
+                        "early stopping at step %d: val/loss has not improved on %.4f for %d "
+                        "evaluations",
+                        state.step,
+                        stopper.best,
+                        stopper.bad_evals,
+                    )
             _call(callbacks, "on_eval", state)
         if world == 1:
             stop = state.should_stop
@@ -594,14 +718,14 @@ def train(
             flag = torch.tensor([float(state.should_stop)], device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             stop = state.should_stop = bool(flag.item())  # host sync (log steps only)
-        if (
-            ckpt_path is not None
-            and rank == 0
-            and (
-                (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0) or is_last or stop
-            )
+        # The same decision on every rank (step counts and the agreed stop): the RNG
+        # gather below is a collective.
+        if ckpt_path is not None and (
+            (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0) or is_last or stop
         ):
-            save_checkpoint(ckpt_path, checkpoint_payload())
+            rng_states = _gather_rng_states(world)
+            if rank == 0:
+                save_checkpoint(ckpt_path, checkpoint_payload(rng_states))
 
     _call(callbacks, "on_train_end", state)
     final_loss = state.loss.item() if state.loss is not None else None  # host sync (end)
@@ -620,6 +744,21 @@ def train(
 # --------------------------------------------------------------------------- entry points
 
 
+class PaddingMeter:
+    """Mean padding fraction of the steps since the last ``take()`` (host floats only)."""
+
+    def __init__(self) -> None:
+        self.total, self.n = 0.0, 0
+
+    def add(self, fraction: float) -> None:
+        self.total, self.n = self.total + fraction, self.n + 1
+
+    def take(self) -> float:
+        mean = self.total / self.n if self.n else 0.0
+        self.total, self.n = 0.0, 0
+        return mean
+
+
 class ProgressLine:
     """Fallback observer without tdiag's Monitor: one line per log interval (rank 0)."""
 
@@ -630,16 +769,20 @@ class ProgressLine:
         self.console = console or Console(stderr=True)
         self._t = time.perf_counter()
         self._tokens = 0
+        self._padding = PaddingMeter()
 
     def on_step_end(self, state: TrainState) -> None:
         self._tokens += state.tokens
+        self._padding.add(state.padding_frac)
         if state.rank != 0 or state.step % self.log_every:
             return
         dt = time.perf_counter() - self._t
         loss = state.loss.item() if state.loss is not None else float("nan")  # host sync (log step)
+        padding = self._padding.take()
+        pad = f"  pad {padding:.1%}" if state.config.batching == "documents" else ""
         self.console.print(
             f"step {state.step:>6}/{self.total}  loss {loss:.4f}  lr {state.lr:.2e}  "
-            f"tok/s {self._tokens * state.world_size / max(dt, 1e-9):,.0f}"
+            f"tok/s {self._tokens * state.world_size / max(dt, 1e-9):,.0f}{pad}"
         )
         self._t, self._tokens = time.perf_counter(), 0
 
@@ -659,6 +802,7 @@ class MonitorCallback:
     def __init__(self, make_monitor: Callable[[TrainState], Any]) -> None:
         self.make_monitor = make_monitor
         self.mon: Any = None
+        self._padding = PaddingMeter()
 
     def on_train_start(self, state: TrainState) -> None:
         self.mon = self.make_monitor(state)
@@ -667,6 +811,12 @@ class MonitorCallback:
         self.mon.step(
             state.loss, tokens=state.tokens, grad_norm=state.grad_norm, data_time=state.data_time
         )
+        if state.config.batching == "documents":
+            # data/padding_frac: mean fraction of input positions that were padding over the
+            # steps since the last log step (a host float: no sync).
+            self._padding.add(state.padding_frac)
+            if state.step == 1 or state.step % state.config.log_every == 0:
+                self.mon.log({"data/padding_frac": self._padding.take()}, step=state.step)
         if self.mon.stop_requested:  # SIGTERM/SIGINT: stop, checkpoint, report
             state.should_stop = True
 
@@ -796,7 +946,7 @@ def sample_text(model: Transformer, prompt: str, n: int, *, seed: int = 0) -> st
     device = next(model.parameters()).device
     ids = tok.encode(prompt)[None].to(device)
     if model.config.pos_encoding == "learned":
-        n = min(n, model.config.max_seq_len - ids.shape[1])
+        n = max(0, min(n, model.config.max_seq_len - ids.shape[1]))
     g = torch.Generator(device=device).manual_seed(seed)
     out = model.generate(ids, n, temperature=0.8, top_k=40, generator=g)
     return tok.decode(out[0])
@@ -816,12 +966,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     mon = None
     if cfg.out_dir and not args.no_monitor:
         mon = attach_monitor(cfg, Path(cfg.out_dir), quiet=quiet, watch=args.watch)
-    if mon is not None:
-        with mon:
-            result = train(cfg, [mon])
-    else:
-        progress = [] if quiet else [ProgressLine(log_every=cfg.log_every, total=cfg.steps)]
-        result = train(cfg, progress)
+    try:
+        if mon is not None:
+            with mon:
+                result = train(cfg, [mon])
+        else:
+            progress = [] if quiet else [ProgressLine(log_every=cfg.log_every, total=cfg.steps)]
+            result = train(cfg, progress)
+    except (DataError, ResumeError) as e:  # raised before the first step
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if rank == 0 and args.sample > 0 and cfg.model.causal:
         print(sample_text(result.model, "def ", args.sample))
     if dist.is_initialized():

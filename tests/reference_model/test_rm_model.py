@@ -210,3 +210,72 @@ def test_model_file_contract() -> None:
         torch.testing.assert_close(
             model_file.decode_with_cache(m, x), m(x).logits, atol=1e-5, rtol=1e-4
         )
+
+
+@pytest.mark.parametrize("pos_encoding", ["sinusoidal", "rope", "none"])
+def test_longer_than_max_seq_len_and_kv_cache_past_it(pos_encoding: str) -> None:
+    """Positions that extrapolate: a forward of 2.5x max_seq_len works, and the KV cache that
+    grows past max_seq_len still equals the full forward."""
+    m = tiny(pos_encoding=pos_encoding, max_seq_len=16)
+    x = ids(n=40)
+    with torch.no_grad():
+        full = m(x).logits
+    assert full.shape == (2, 40, 257) and torch.isfinite(full).all()
+    torch.testing.assert_close(decode_with_cache(m, x), full, atol=1e-5, rtol=1e-4)
+    out = m.generate(x[:, :6], 30, greedy=True)  # ends at 36 > 16
+    with torch.no_grad():
+        logits = m(out).logits[:, 5:-1]
+    logits[..., m.config.pad_id] = float("-inf")
+    assert torch.equal(logits.argmax(-1), out[:, 6:])
+
+
+def test_learned_positions_refuse_longer_sequences_clearly() -> None:
+    m = tiny(pos_encoding="learned", max_seq_len=16)
+    with pytest.raises(ValueError, match="max_seq_len=16"):
+        m(ids(n=17))
+    with pytest.raises(ValueError, match="max_seq_len=16"):  # before generating anything
+        m.generate(ids(n=6), 11)
+    assert m.generate(ids(n=6), 10, greedy=True).shape == (2, 16)  # exactly the limit is fine
+
+
+def test_sampling_stays_in_top_k_and_low_temperature_is_greedy() -> None:
+    m = tiny(pos_encoding="rope")
+    prompt = ids(b=4, n=4)
+    greedy = m.generate(prompt, 12, greedy=True)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(m.generate(prompt, 12, top_k=1, generator=g), greedy)
+    assert torch.equal(m.generate(prompt, 12, temperature=1e-4, generator=g), greedy)
+
+    def ranks(out: torch.Tensor) -> torch.Tensor:
+        """Rank of each generated token among the full forward's logits at its position."""
+        with torch.no_grad():
+            logits = m(out).logits[:, 3:-1]
+        logits[..., m.config.pad_id] = float("-inf")
+        chosen = logits.gather(-1, out[:, 4:, None])
+        return (logits > chosen).sum(-1)
+
+    top3 = m.generate(prompt, 12, temperature=2.0, top_k=3, generator=g)
+    assert ranks(top3).max() < 3
+    anything = m.generate(prompt, 12, temperature=2.0, generator=g)
+    assert ranks(anything).max() >= 3  # without top_k the check above could fail
+    with pytest.raises(ValueError, match="top_k"):
+        m.generate(prompt, 2, top_k=0)
+
+
+@pytest.mark.parametrize("kw", [dict(causal=True), dict(causal=False), dict(pos_encoding="rope")])
+def test_fully_padded_rows_give_finite_logits_loss_and_grads(kw) -> None:
+    m = tiny(**kw).train()
+    x = ids(b=3, n=10)
+    mask = torch.ones(3, 10, dtype=torch.long)
+    mask[1] = 0  # a row that is padding only
+    mask[2, :4] = 0  # left padding
+    labels = x.masked_fill(mask == 0, -100)
+    for return_attn in (False, True):
+        m.zero_grad()
+        out = m(x, attention_mask=mask, labels=labels, return_attn=return_attn)
+        out.loss.backward()
+        assert torch.isfinite(out.logits).all() and torch.isfinite(out.loss)
+        assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+    # a batch of padding only: loss 0, not 0/0
+    empty = m(x, attention_mask=torch.zeros_like(mask), labels=torch.full_like(x, -100)).loss
+    assert empty.item() == 0.0

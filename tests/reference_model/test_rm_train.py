@@ -426,8 +426,9 @@ def test_reference_model_does_not_import_tdiag() -> None:
 
 
 @pytest.mark.slow
-def test_ddp_stop_on_one_rank_stops_all(tmp_path: Path) -> None:
-    """A stop asked on rank 0 only is agreed at the next log step: no rank hangs."""
+def test_ddp_stop_on_one_rank_stops_all_and_resume_is_exact(tmp_path: Path) -> None:
+    """A stop asked on rank 0 only is agreed at the next log step: no rank hangs. Then stop +
+    resume under DDP equals an uninterrupted run on every rank (per-rank RNG states)."""
     torchrun = Path(sys.executable).with_name("torchrun")
     worker = Path(__file__).with_name("ddp_stop_worker.py")
     proc = _run_torchrun(
@@ -440,4 +441,160 @@ def test_ddp_stop_on_one_rank_stops_all(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rank 0 stopped at 4" in proc.stdout and "rank 1 stopped at 4" in proc.stdout
+    assert "rank 0 resume equal True" in proc.stdout
+    assert "rank 1 resume equal True" in proc.stdout
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 4
+
+
+class Crash(Exception):
+    pass
+
+
+class CrashAt:
+    """Dies like a killed process: no checkpoint at the crash, only the periodic ones."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, state) -> None:
+        if state.step == self.step:
+            raise Crash
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_crash_then_resume_from_periodic_checkpoint_equals_uninterrupted(
+    tmp_path: Path, causal: bool
+) -> None:
+    """--checkpoint-every 2, a crash at step 3, --resume: steps 3.. are redone and every loss
+    (train and validation) equals the uninterrupted run's; the encoder's random corruption too."""
+    cfg = tiny_cfg(
+        steps=5,
+        batching="documents",
+        eval_every=2,
+        checkpoint_every=2,
+        model=dict(dropout=0.1, causal=causal),
+        out_dir=str(tmp_path / "a"),
+    )
+    whole = LossRecorder()
+    want = train(cfg, [whole])
+    cfg_b = dataclasses.replace(cfg, out_dir=str(tmp_path / "b"), resume=True)
+    first = LossRecorder()
+    with pytest.raises(Crash):
+        train(cfg_b, [first, CrashAt(3)])
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["step"] == 2
+    second = LossRecorder()
+    got = train(cfg_b, [second])
+    assert torch.equal(torch.stack(first.losses[:2] + second.losses), torch.stack(whole.losses))
+    assert got.val_history == want.val_history and len(want.val_history) == 3
+
+
+class PaddingRecorder:
+    def __init__(self) -> None:
+        self.fractions: list[float] = []
+
+    def on_step_end(self, state) -> None:
+        self.fractions.append(state.padding_frac)
+
+
+def test_padding_fraction_is_reported(capsys) -> None:
+    from reference_model.train import ProgressLine
+
+    seen: dict[bool, list[float]] = {}
+    for bucket in (False, True):
+        cfg = tiny_cfg(steps=4, batching="documents", bucket=bucket, log_every=2, quiet=False)
+        rec = PaddingRecorder()
+        train(cfg, [rec, ProgressLine(log_every=2, total=4)])
+        seen[bucket] = rec.fractions
+    assert all(0.0 <= f < 1.0 for f in seen[False]) and sum(seen[False]) > 0
+    assert sum(seen[True]) < sum(seen[False])  # bucketing cuts padding
+    assert " pad " in capsys.readouterr().err
+    chunks = PaddingRecorder()
+    train(tiny_cfg(steps=1), [chunks])
+    assert chunks.fractions == [0.0]
+
+
+def test_monitor_callback_logs_padding_fraction() -> None:
+    from reference_model.train import MonitorCallback
+
+    class FakeMonitor:  # the Monitor's public calls, recorded
+        stop_requested = False
+
+        def __init__(self) -> None:
+            self.logged: list[tuple[int, dict]] = []
+
+        def step(self, loss, **kw) -> None:
+            pass
+
+        def log(self, metrics, step=None) -> None:
+            self.logged.append((step, dict(metrics)))
+
+        def close(self) -> None:
+            pass
+
+    mon = FakeMonitor()
+    cfg = tiny_cfg(steps=4, batching="documents", bucket=False, log_every=2)
+    train(cfg, [MonitorCallback(lambda s: mon)])
+    pads = [(s, m["data/padding_frac"]) for s, m in mon.logged if "data/padding_frac" in m]
+    assert [s for s, _ in pads] == [1, 2, 4]
+    assert all(0.0 <= f < 1.0 for _, f in pads) and sum(f for _, f in pads) > 0
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--lr", "-1"], "lr must be > 0"),
+        (["--n-heads", "3", "--d-model", "32"], "divisible"),
+        (["--data", "/nonexistent/corpus"], "does not exist"),
+        (["--data", "TINY"], "too small"),
+        (["--data", "EMPTY_DIR"], "no text"),
+        (["--early-stopping-patience", "-1"], "early_stopping_patience must be >= 0, got -1"),
+        (["--beta2", "1.5"], "beta2 must be in [0, 1], got 1.5"),
+        (["--mlm-prob", "0"], "mlm_prob"),
+        (["--resume"], "need out_dir"),
+    ],
+)
+def test_cli_bad_input_is_a_clear_error_with_exit_2(tmp_path: Path, capsys, argv, message) -> None:
+    (tmp_path / "tiny.txt").write_text("hi there\n")
+    (tmp_path / "empty").mkdir()
+    subst = {"TINY": str(tmp_path / "tiny.txt"), "EMPTY_DIR": str(tmp_path / "empty")}
+    argv = [subst.get(a, a) for a in argv]
+    assert main([*argv, "--quiet", "--no-monitor", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def test_resume_keeps_an_early_stop_and_refuses_another_model(tmp_path: Path, capsys) -> None:
+    cfg = tiny_cfg(
+        steps=30,
+        eval_every=1,
+        lr=0.5,
+        schedule="constant",
+        warmup_steps=0,
+        early_stopping_patience=2,
+        out_dir=str(tmp_path),
+        resume=True,
+    )
+    first = train(cfg)
+    assert first.stopped_early and first.steps < 30
+    again = LossRecorder()
+    second = train(cfg, [again])  # the stop is part of the run's state: nothing more to do
+    assert second.stopped_early and second.steps == first.steps and again.losses == []
+    other = dataclasses.replace(cfg, model=ModelConfig(d_model=64, n_heads=4, max_seq_len=32))
+    with pytest.raises(ValueError, match="d_model: 32 -> 64"):
+        train(other)
+    argv = ["--out-dir", str(tmp_path), "--resume", "--d-model", "64", "--max-seq-len", "32"]
+    assert main([*argv, "--quiet", "--no-monitor", "--device", "cpu"]) == 2
+    assert "another model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("batching", ["chunks", "documents"])
+def test_small_validation_split_gets_smaller_batches(tmp_path: Path, batching: str) -> None:
+    """A single file's last 10 % holds fewer sequences than a batch: evaluate on what is
+    there instead of failing (the training split still needs full batches)."""
+    text = "\n\n".join(f"paragraph {i}: " + "some words here " * 3 for i in range(60))
+    (tmp_path / "corpus.txt").write_text(text)
+    cfg = tiny_cfg(data=str(tmp_path / "corpus.txt"), batching=batching, batch_size=16)
+    train_b, val_b = build_batchers(cfg, 0, 1)
+    assert train_b.batch(0)["input_ids"].shape[0] == 16
+    assert 0 < val_b.batch(0)["input_ids"].shape[0] < 16
+    assert math.isfinite(train(dataclasses.replace(cfg, steps=1)).val_loss)
