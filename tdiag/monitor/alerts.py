@@ -50,9 +50,13 @@ _RECOMMENDATION = (
 
 def step_row(summary: IntervalSummary, i: int) -> dict[str, float]:
     """The flight recorder's row of the interval's i-th step."""
-    row = {"train/loss": summary.losses[i]}
-    if summary.grad_norms is not None:
+    row: dict[str, float] = {}
+    if summary.losses[i] is not None:
+        row["train/loss"] = summary.losses[i]
+    if summary.grad_norms is not None and summary.grad_norms[i] is not None:
         row["train/grad_norm"] = summary.grad_norms[i]
+    if summary.skipped is not None and summary.skipped[i]:
+        row["train/skipped_steps"] = 1.0
     if i < len(summary.step_times):
         row["perf/step_time_host"] = summary.step_times[i]
     if i < len(summary.data_times):
@@ -60,9 +64,9 @@ def step_row(summary: IntervalSummary, i: int) -> dict[str, float]:
     return row
 
 
-def _last_finite(values: list[float], before: int) -> tuple[int | None, float | None]:
+def _last_finite(values: list[float | None], before: int) -> tuple[int | None, float | None]:
     for j in range(before - 1, -1, -1):
-        if math.isfinite(values[j]):
+        if values[j] is not None and math.isfinite(values[j]):
             return j, values[j]
     return None, None
 

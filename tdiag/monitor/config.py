@@ -82,12 +82,15 @@ def infer_clip(config: Any) -> float | None:
     return None
 
 
-def build_sinks(options: MonitorConfig, extra: Sequence[Any] = ()) -> list[Any]:
-    """The sinks the options switch on (history/events always), then ``extra``."""
+def build_sinks(
+    options: MonitorConfig, extra: Sequence[Any] = (), *, files: bool = True
+) -> list[Any]:
+    """The sinks the options switch on (history/events always, unless ``files`` is False:
+    the run folder cannot be written), then ``extra``."""
     from tdiag.monitor.sinks import ConsoleSink, JsonlSink, TensorBoardSink, WandbSink
 
-    sinks: list[Any] = [JsonlSink()]
-    if options.tensorboard:
+    sinks: list[Any] = [JsonlSink()] if files else []
+    if options.tensorboard and files:
         sinks.append(TensorBoardSink())
     if options.wandb is not None:
         sinks.append(WandbSink(**dict(options.wandb)))

@@ -388,6 +388,17 @@ def measure_cpu_peak(
         "fp16": torch.float16,
     }[dtype_key]
     gen = torch.Generator().manual_seed(0)
+    # A dtype without native CPU kernels (fp16 on most CPUs) runs a 1024³ matmul in seconds:
+    # time a small one first and shrink the size so the whole measurement stays ~``seconds``
+    # (it runs inside the user's first log step).
+    small = min(size, 256)
+    probe = torch.randn(small, small, generator=gen).to(dtype)
+    t0 = time.perf_counter()
+    torch.mm(probe, probe)
+    torch.mm(probe, probe)
+    t_small = (time.perf_counter() - t0) / 2
+    while size > small and t_small * (size / small) ** 3 > seconds / 2:
+        size //= 2
     a = torch.randn(size, size, generator=gen).to(dtype)
     b = torch.randn(size, size, generator=gen).to(dtype)
     flop = 2.0 * size**3

@@ -5,15 +5,16 @@ and disarms it in the log step's ``step()``: the hooks exist for one training st
 ``log_every``. Between log steps the model carries no tdiag hook at all.
 
 While armed:
-- an :class:`RmsRecorder` on every leaf module that owns parameters (Linear, Embedding,
-  norms …) records its output RMS -> ``act_rms/<module>``, and the first module (in
+- an :class:`RmsRecorder` on every module with parameters (Linear, Embedding, norms,
+  ``nn.MultiheadAttention``, and the blocks, attention and MLP modules around them) records its output RMS -> ``act_rms/<module>``, and the first module (in
   execution order) whose output was non-finite;
 - an :class:`~tdiag.hooks.AttentionCapture`, entered by a forward pre-hook on the root module
   and left by its forward hook, sees every attention softmax / SDPA ->
   ``attn/entropy/<layer>`` (nats, mean over query rows: at most
   ``tdiag.hooks.ATTN_SAMPLE_ROWS`` evenly spread rows, so the cost is O(rows x L), not
   O(L²)) and ``attn/max_logit/<layer>`` (over the same rows);
-- the root module's forward hook takes the output logits -> ``logits/max_abs`` and
+- the root module's forward hook takes the output logits (``.logits`` when the output has
+  them) -> ``logits/max_abs`` and
   ``logits/log_z`` (mean over positions of ``logsumexp`` over the vocabulary).
 With several forwards in one step (gradient accumulation) the last one's values are kept.
 Per-layer gradient norms come from :class:`~tdiag.monitor.probe.GradientProbe`.
@@ -82,10 +83,37 @@ class RmsRecorder:
 
 
 def layer_filter(name: str, module: nn.Module) -> bool:
-    """The modules that get ``act_rms/<name>``: leaf modules that own parameters."""
-    if name == "" or next(module.children(), None) is not None:
+    """The modules that get ``act_rms/<name>`` (every module but the root that has
+    parameters in its subtree and runs a forward of its own):
+
+    - modules that own parameters directly: leaves (Linear, Embedding, norms …) and modules
+      such as ``nn.MultiheadAttention`` whose projection weights are their own (its
+      ``out_proj`` child never runs its own forward);
+    - composites of such modules — a Transformer block (its output is the residual stream
+      after the layer), its attention and its MLP — so ``act_rms/blocks.0.attn`` exists
+      even when the attention module returns a tuple such as ``(out, probs)``: the first
+      floating tensor of the output is measured.
+
+    ``nn.ModuleList``/``nn.ModuleDict`` never run a forward and are left out."""
+    if name == "" or isinstance(module, nn.ModuleList | nn.ModuleDict):
         return False
-    return next(module.parameters(recurse=False), None) is not None
+    return next(module.parameters(), None) is not None
+
+
+def logits_of(output: Any) -> torch.Tensor | None:
+    """The logits in a model output: ``.logits`` / ``["logits"]`` (Hugging Face outputs put
+    ``loss`` first), else the first floating tensor of at least 2 dims (``(loss, logits)``)."""
+    logits = getattr(output, "logits", None)
+    if logits is None and isinstance(output, Mapping):
+        logits = output.get("logits")
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(output, list | tuple):
+        for item in output:
+            if isinstance(item, torch.Tensor) and item.is_floating_point() and item.dim() >= 2:
+                return item
+        return None
+    return first_float_tensor(output)
 
 
 def _attn_layer_name(module_name: str | None, index: int) -> str:
@@ -137,7 +165,7 @@ class LayerWatcher:
         if not self.logits:
             return
         try:
-            out = first_float_tensor(output)
+            out = logits_of(output)
             if out is None or out.dim() < 2:
                 return
             with torch.no_grad():

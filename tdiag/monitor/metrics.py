@@ -11,7 +11,8 @@ Metric keys produced here (units; exact definitions in docs/metrics.md):
 ``train/grad_norm`` (L2, at the log step, before clipping when the loop passes it),
 ``train/grad_norm_max`` (max over the interval, when passed per step),
 ``train/grad_clip_frac`` (fraction of steps of the interval whose norm exceeded the clip
-threshold), ``train/update_ratio`` (``||Δθ||₂ / ||θ||₂`` of the log step's optimizer step),
+threshold), ``train/skipped_steps`` (optimizer steps skipped in the interval, e.g. by a
+GradScaler; count), ``train/update_ratio`` (``||Δθ||₂ / ||θ||₂`` of the log step's optimizer step),
 ``train/lr`` and ``train/lr/<i>``, ``perf/step_time`` and ``perf/data_time`` (seconds),
 ``perf/tokens_per_sec``, ``perf/mfu`` (fraction of peak).
 """
@@ -160,10 +161,14 @@ class DeviceBatch:
 class IntervalSummary:
     """Host values of one log interval (after the one host sync)."""
 
-    losses: list[float]
-    grad_norms: list[float] | None = None
+    losses: list[float | None]
+    """Per-step loss; None where ``step()`` got no loss."""
+    grad_norms: list[float | None] | None = None
+    """Per-step gradient norm from the loop; None where not given or the step was skipped."""
     step_times: list[float] = field(default_factory=list)
     data_times: list[float] = field(default_factory=list)
+    skipped: list[bool] | None = None
+    """Per step: the optimizer did not step (e.g. GradScaler found inf/NaN); None: unknown."""
 
 
 class IntervalAccumulator:
@@ -190,6 +195,7 @@ class IntervalAccumulator:
         self._tokens_dev: list[torch.Tensor] = []
         self.step_times: list[float] = []
         self.data_times: list[float] = []
+        self.skipped: list[bool | torch.Tensor | None] = []
 
     def add(
         self,
@@ -199,8 +205,10 @@ class IntervalAccumulator:
         grad_norm: torch.Tensor | float | None = None,
         step_time: float | None = None,
         data_time: float | None = None,
+        skipped: bool | torch.Tensor | None = None,
     ) -> None:
-        """Record one step. No host sync for tensor arguments."""
+        """Record one step. No host sync for tensor arguments. ``skipped``: the optimizer
+        did not step (None: unknown)."""
         if self.n >= self.capacity:
             raise RuntimeError("interval is full: call reset() after the log step")
         if isinstance(loss, torch.Tensor):
@@ -220,6 +228,7 @@ class IntervalAccumulator:
             self.step_times.append(step_time)
         if data_time is not None:
             self.data_times.append(data_time)
+        self.skipped.append(skipped)
         self.n += 1
 
     @property
@@ -247,27 +256,38 @@ class IntervalAccumulator:
             dev = self._tokens_dev[0].device
             total = torch.stack([t.to(dev).float().sum() for t in self._tokens_dev]).sum()
             batch.add("acc/tokens", total, "sum")
+        flags = self._stack(self.skipped)  # fused optimizers' on-device found_inf
+        if flags is not None:
+            batch.add("acc/skipped", flags, "max")
 
     @staticmethod
-    def _merge(values: list[torch.Tensor | float | None], dev: list[float] | None) -> list[float]:
+    def _merge(
+        values: list[torch.Tensor | float | None], dev: list[float] | None
+    ) -> list[float | None]:
         it = iter(dev or [])
-        out = []
+        out: list[float | None] = []
         for v in values:
             if isinstance(v, torch.Tensor):
                 out.append(float(next(it)))
             else:
-                out.append(math.nan if v is None else float(v))
+                out.append(None if v is None else float(v))
         return out
 
     def summary(self, host: Mapping[str, Any]) -> IntervalSummary:
-        """Merge the host copies of the device values with the host-side values."""
+        """Merge the host copies of the device values with the host-side values. A skipped
+        step's gradient norm is dropped (None): inf/NaN there is the loss scaler's business."""
+        flags = self._merge(self.skipped, host.get("acc/skipped"))
+        known = [s for s in flags if s is not None]
+        skipped = [s is not None and s != 0 for s in flags] if known else None
+        norms = self._merge(self._gnorm, host.get("acc/gnorm")) if self.has_grad_norms else None
+        if norms is not None and skipped is not None:
+            norms = [None if s else g for g, s in zip(norms, skipped, strict=True)]
         return IntervalSummary(
             losses=self._merge(self._loss, host.get("acc/loss")),
-            grad_norms=self._merge(self._gnorm, host.get("acc/gnorm"))
-            if self.has_grad_norms
-            else None,
+            grad_norms=norms,
             step_times=list(self.step_times),
             data_times=list(self.data_times),
+            skipped=skipped,
         )
 
     def reset(self) -> None:
@@ -279,6 +299,7 @@ class IntervalAccumulator:
         self._tokens_dev = []
         self.step_times = []
         self.data_times = []
+        self.skipped = []
 
 
 def to_full(t: torch.Tensor) -> torch.Tensor:
@@ -313,11 +334,14 @@ def summarize_interval(
     """
     out: dict[str, float] = {}
     n = len(summary.losses)
-    if n and any(v == v for v in summary.losses):  # at least one loss was given
-        out["train/loss"] = math.fsum(summary.losses) / n  # NaN if any step was NaN
-        out["train/loss_last"] = summary.losses[-1]
-    if summary.grad_norms:
-        g = summary.grad_norms
+    losses = [v for v in summary.losses if v is not None]
+    if losses:  # mean over the steps that gave a loss
+        out["train/loss"] = math.fsum(losses) / len(losses)  # NaN if any step was NaN
+        out["train/loss_last"] = losses[-1]
+    if summary.skipped is not None:
+        out["train/skipped_steps"] = float(sum(summary.skipped))
+    g = [v for v in summary.grad_norms or [] if v is not None]
+    if g:
         out["train/grad_norm"] = g[-1]
         out["train/grad_norm_max"] = max(g, key=lambda v: math.inf if v != v else v)
         if clip is not None:
@@ -332,9 +356,9 @@ def summarize_interval(
     return out
 
 
-def first_nonfinite(values: Iterable[float]) -> int | None:
-    """Index of the first NaN/Inf in ``values``, or None."""
+def first_nonfinite(values: Iterable[float | None]) -> int | None:
+    """Index of the first NaN/Inf in ``values`` (None entries are skipped), or None."""
     for i, v in enumerate(values):
-        if not math.isfinite(v):
+        if v is not None and not math.isfinite(v):
             return i
     return None

@@ -12,6 +12,8 @@ turned into metrics, and written by the sinks (rank 0 only). The logic lives in
 from __future__ import annotations
 
 import logging
+import math
+import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -20,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tdiag.history import META_FILE, write_json_atomic
+from tdiag.history import HISTORY_FILE, META_FILE, write_json_atomic
 from tdiag.monitor import alerts
 from tdiag.monitor.alerts import NonFiniteError
 from tdiag.monitor.callbacks import CallbackAliases
@@ -41,6 +43,9 @@ from tdiag.monitor.system import cuda_memory_stats
 __all__ = ["Monitor", "MonitorConfig", "NonFiniteError"]
 
 logger = logging.getLogger(__name__)
+
+# Metrics of the probed (log) step's gradients/update: meaningless when it was skipped.
+_PROBED_STEP_KEYS = ("train/grad_norm", "train/update_ratio", "grad_norm/")
 
 
 class Monitor(CallbackAliases):
@@ -74,6 +79,9 @@ class Monitor(CallbackAliases):
         self.device = model_device(model)
         self._step = 0
         self._closed = False
+        self._warned_closed = False
+        self._warned_no_grads = False
+        self._skipped: bool | torch.Tensor | None = None
         self.status = "running"  # then completed | signal | exception | nonfinite
         self._alerted: set[str] = set()
         self.findings: list[Any] = []  # live Findings raised (on every rank)
@@ -86,6 +94,14 @@ class Monitor(CallbackAliases):
         self._probe = GradientProbe(
             optimizer, self._names, update_ratio=self.options.update_ratio, per_tensor=layers
         )
+        # Optimizer steps counted by a post-hook (a Python int, no device op): a step() that
+        # saw none was skipped, e.g. by torch.amp.GradScaler after inf/NaN gradients.
+        self._opt_steps = 0
+        self._opt_steps_seen = 0
+        self._opt_hook = None
+        self._found_inf: torch.Tensor | None = None
+        if optimizer is not None and hasattr(optimizer, "register_step_post_hook"):
+            self._opt_hook = optimizer.register_step_post_hook(self._count_opt_step)
         self._watcher = None
         if layers:
             from tdiag.monitor.layers import LayerWatcher
@@ -99,17 +115,42 @@ class Monitor(CallbackAliases):
         self._t_return = time.perf_counter()
         self._forward_seen: float | None = None
         self._root_hook = model.register_forward_pre_hook(self._on_forward, with_kwargs=True)
+        # Files are written by rank 0, into a run folder it can write (else: one warning,
+        # console/extra sinks only; training goes on).
+        self._writes_files = self.rank.is_main and self._run_dir_writable()
         self.sinks = MultiSink(
-            build_sinks(self.options, sinks) if self.rank.is_main else [NullSink()]
+            build_sinks(self.options, sinks, files=self._writes_files)
+            if self.rank.is_main
+            else [NullSink()]
         )
         self._open()
 
     # -- setup -----------------------------------------------------------------------------
+    def _run_dir_writable(self) -> bool:
+        probe = self.run_dir / f".tdiag-write-test-{os.getpid()}"
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            logger.warning(
+                "tdiag: cannot write to run_dir %s (%s: %s); no history, meta.json, TensorBoard "
+                "files or report will be written for this run. Training goes on.",
+                self.run_dir,
+                type(exc).__name__,
+                exc,
+            )
+            return False
+        return True
+
     def _open(self) -> None:
         meta = guarded(lambda: build_meta(monitor=self), "collecting run metadata") or {}
         self.meta = meta
-        if self.rank.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+        history = self.run_dir / HISTORY_FILE
+        self._prior_history = (
+            self._writes_files and history.is_file() and history.stat().st_size > 0
+        )
+        if self._writes_files:
             guarded(lambda: write_json_atomic(self.run_dir / META_FILE, meta), "writing meta.json")
         self.sinks.open(self.run_dir, meta)
         if self.options.system:
@@ -131,6 +172,26 @@ class Monitor(CallbackAliases):
             self._await_forward = False
         if not self._mfu.input_seen:
             guarded(lambda: self._mfu.observe_forward(module, args, kwargs), "reading the input")
+
+    def _count_opt_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self._opt_steps += 1
+        # A fused optimizer is always called by GradScaler.step(), with an on-device
+        # ``found_inf`` attribute set for the call, and skips the update itself when it is > 0.
+        found_inf = getattr(optimizer, "found_inf", None)
+        self._found_inf = found_inf.detach() if isinstance(found_inf, torch.Tensor) else None
+
+    def _step_skipped(self) -> bool | torch.Tensor | None:
+        """Did the optimizer skip this step? False/True from whether ``optimizer.step()`` ran
+        since the last ``step()``, or the fused optimizer's ``found_inf`` tensor (read at the
+        log step, no sync now). None when the Monitor cannot tell (no optimizer given)."""
+        if self._opt_hook is None:
+            return None
+        skipped: bool | torch.Tensor = self._opt_steps == self._opt_steps_seen
+        if not skipped and self._found_inf is not None:
+            skipped = self._found_inf
+        self._found_inf = None
+        self._opt_steps_seen = self._opt_steps
+        return skipped
 
     def _is_log_step(self, step: int) -> bool:
         return step == 1 or step % self.options.log_every == 0
@@ -167,14 +228,27 @@ class Monitor(CallbackAliases):
                 not stop on ``stop_requested``), after flushing and writing the report.
         """
         if self._closed:
+            self._warn_closed("step")
             return
         now = time.perf_counter()
         self._step += 1
+        if self._step == 1 and self._prior_history:
+            self._prior_history = False
+            logger.warning(
+                "tdiag: %s already has a history; this run appends to it with steps counted "
+                "again from 1. To continue the step count, save mon.state_dict() with your "
+                "checkpoint and call mon.load_state_dict() before the first step; or use a "
+                "new run_dir.",
+                self.run_dir,
+            )
+        self._skipped = self._step_skipped()
         if data_time is None and self._forward_seen is not None:
             data_time = self._forward_seen - self._t_return
         self._forward_seen = None
         try:
-            self._acc.add(loss, tokens=tokens, grad_norm=grad_norm, data_time=data_time)
+            self._acc.add(
+                loss, tokens=tokens, grad_norm=grad_norm, data_time=data_time, skipped=self._skipped
+            )
             self._acc.step_times.append(now - self._t_return)
         except Exception as exc:  # a monitoring failure never stops training
             logger.warning("tdiag: could not record step %d (%r)", self._step, exc)
@@ -193,11 +267,40 @@ class Monitor(CallbackAliases):
         """Write extra metrics (e.g. ``{"val/loss": v}``) at ``step`` (default: the current
         step). Tensor values are read with ``float()`` (a host sync): call it on rare steps."""
         if self._closed:
+            self._warn_closed("log")
             return
-        row = {str(k): float(v) for k, v in metrics.items()}  # host sync for tensor values
+        row: dict[str, float] = {}
+        for key, value in metrics.items():
+            try:
+                row[str(key)] = float(value)  # host sync for tensor values
+            except (TypeError, ValueError, RuntimeError):
+                logger.warning(
+                    "tdiag: mon.log() skipped %r: a metric must be a number or a one-element "
+                    "tensor, got %s",
+                    key,
+                    type(value).__name__,
+                )
+        if not row:
+            return
         at = self._step if step is None else int(step)
         self.recorder.record(at, row)
         self.sinks.write(at, row)
+
+    def _warn_no_grads(self) -> None:
+        if not self._warned_no_grads:
+            self._warned_no_grads = True
+            logger.warning(
+                "tdiag: no optimizer= was given and the parameters had no gradients at "
+                "mon.step() (zero_grad ran before it?): train/grad_norm is not measured. Pass "
+                "optimizer=opt, or grad_norm= to mon.step()."
+            )
+
+    def _warn_closed(self, what: str) -> None:
+        if not self._warned_closed:
+            self._warned_closed = True
+            logger.warning(
+                "tdiag: Monitor.%s() called after close(); ignored (the run is finished)", what
+            )
 
     def close(self) -> None:
         """Flush the pending interval, close the sinks, update meta.json, build the report.
@@ -257,8 +360,15 @@ class Monitor(CallbackAliases):
     def _gather(self, n: int, collective: bool) -> tuple[dict[str, Any], Any, dict, float, list]:
         batch = DeviceBatch()
         self._acc.add_to(batch)
-        if self._probe.armed and not self._probe.done and self._probe.enabled:
+        if (
+            self._probe.armed
+            and not self._probe.done
+            and self._probe.enabled
+            and self._skipped is not True  # a skipped step's gradients are inf/NaN by design
+        ):
             self._probe.measure_grads(list(self.model.parameters()))  # no optimizer hook fired
+            if not self._probe.done and self.optimizer is None and not self._acc.has_grad_norms:
+                self._warn_no_grads()
         self._probe.add_to(batch)
         layout = self._watcher.add_to(batch) if self._watcher and self._watcher.armed else None
         local_elapsed = time.perf_counter() - self._t_prev_log
@@ -288,6 +398,8 @@ class Monitor(CallbackAliases):
         tokens = host["host/tokens"][0] + sum(host.get("acc/tokens", [0.0]))
         self.tokens_total += tokens
         metrics = GradientProbe.metrics(host, names)
+        if summary.skipped and summary.skipped[-1]:  # the probed step was skipped (GradScaler)
+            metrics = {k: v for k, v in metrics.items() if not k.startswith(_PROBED_STEP_KEYS)}
         metrics.update(summarize_interval(summary, clip=self.clip, tokens=tokens, elapsed=elapsed))
         metrics["train/tokens"] = self.tokens_total
         metrics.update(guarded(lambda: learning_rates(self.optimizer), "reading the LR") or {})
@@ -318,7 +430,7 @@ class Monitor(CallbackAliases):
             self.findings.append(f)
             self.sinks.event(f)
         self.status = "nonfinite"
-        if self.rank.is_main:
+        if self._writes_files:
             guarded(
                 lambda: self.recorder.dump(
                     self.run_dir, reason=findings[0].id, step=findings[0].step
@@ -327,11 +439,21 @@ class Monitor(CallbackAliases):
             )
 
     def _strict_check(self, loss: Any, grad_norm: Any) -> None:
-        vals = [v for v in (loss, grad_norm) if isinstance(v, torch.Tensor)]
-        if not vals:
+        skipped = self._skipped
+        if skipped is True:  # the optimizer skipped the step: inf/NaN grads are the scaler's
+            grad_norm = None
+        flags = []
+        for value in (loss, grad_norm):
+            if isinstance(value, torch.Tensor):
+                flags.append(torch.isfinite(value.detach().float().sum()).reshape(()))
+            elif value is not None:
+                flags.append(torch.tensor(math.isfinite(float(value))))
+        if not flags:
             return
-        ok = torch.stack([v.detach().float().sum() for v in vals])
-        if bool(torch.isfinite(ok).all()):  # host sync: strict mode checks every step
+        if isinstance(skipped, torch.Tensor) and isinstance(grad_norm, torch.Tensor):
+            flags[-1] = flags[-1] | (skipped.to(flags[-1].device).reshape(()) > 0)
+        dev = flags[0].device
+        if bool(torch.stack([f.to(dev) for f in flags]).all()):  # host sync (strict: per step)
             return
         metrics = guarded(lambda: self._log_step(final=True), "logging the non-finite step") or {}
         self._finish(None)
@@ -361,7 +483,7 @@ class Monitor(CallbackAliases):
             exc = None  # sys.exit(0) inside the block is a normal end, not a crash
         if exc is not None:
             self.status = "exception"
-            if self.rank.is_main:
+            if self._writes_files:
                 detail = f"{type(exc).__name__}: {exc}"
                 guarded(
                     lambda: self.recorder.dump(
@@ -377,10 +499,12 @@ class Monitor(CallbackAliases):
             self._watcher.disarm()
         self._probe.remove()
         self._root_hook.remove()
+        if self._opt_hook is not None:
+            self._opt_hook.remove()
         if self._sampler is not None:
             guarded(self._sampler.stop, "stopping the system sampler")
         self.sinks.close()
-        if self.rank.is_main:
+        if self._writes_files:
             guarded(lambda: write_end_meta(self), "updating meta.json")
             if self.options.report:
                 alerts.build_report_safely(self.run_dir, self._summary_console())

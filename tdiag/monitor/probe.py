@@ -111,6 +111,14 @@ class GradientProbe:
         def run() -> None:
             params = [p for g in optimizer.param_groups for p in g["params"]]
             self.measure_grads(params)
+            # GradScaler.step() on a fused optimizer passes the still-scaled gradients with
+            # ``optimizer.grad_scale`` set (None once unscale_() ran): report unscaled norms.
+            scale = getattr(optimizer, "grad_scale", None)
+            if isinstance(scale, torch.Tensor) and "grad_sq" in self.values:
+                inv_sq = scale.detach().float().reciprocal().square()
+                for key in ("grad_sq", "grad_sq_per_tensor"):
+                    if key in self.values:
+                        self.values[key] = self.values[key] * inv_sq.to(self.values[key].device)
             if self.update_ratio:
                 self._params = [p for p in params if p.grad is not None]
                 locals_ = [to_local(p).detach() for p in self._params]

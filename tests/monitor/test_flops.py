@@ -280,3 +280,17 @@ def test_formula_matches_the_counter_on_a_hugging_face_gpt2():
     for seq_len in (16, 64):
         counted = flops_per_token(model, seq_len, method="counter")
         assert counted == pytest.approx(flops_per_token(model, seq_len, method="formula"), rel=0.02)
+
+
+def test_cpu_peak_of_a_slow_dtype_stays_within_its_time_budget(monkeypatch):
+    # fp16 matmuls have no native kernels on most CPUs (a 1024³ one takes seconds): the
+    # measurement runs inside the user's first log step, so it must shrink, not stall.
+    import time
+
+    from tdiag.monitor import flops
+
+    monkeypatch.setattr(flops, "_MEASURED", {})
+    t0 = time.perf_counter()
+    peak = flops.measure_cpu_peak("fp16", seconds=0.3)
+    assert time.perf_counter() - t0 < 2.5  # unbounded: ~4 matmuls of ~1 s each here
+    assert peak.value is not None and peak.value > 0

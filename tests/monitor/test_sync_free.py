@@ -77,3 +77,32 @@ def test_strict_mode_syncs_every_step(tmp_path, tiny_gpt, sync_counter):
         train_loop(tiny_gpt, mon, 6, opt=opt, on_step=on_step)
     assert per_step[2] == 1 and per_step[3] == 1  # the strict finiteness check
     assert per_step[4] == 2  # strict check + the log step's transfer
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_no_host_sync_between_log_steps_with_a_grad_scaler(tmp_path, tiny_gpt, sync_counter, fused):
+    from .conftest import lm_loss, make_batch
+
+    log_every = 4
+    opt = torch.optim.AdamW(tiny_gpt.parameters(), lr=1e-3, fused=fused)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20)  # step 1 overflows: skipped
+    per_step: dict[int, list[str]] = {}
+    with Monitor(tiny_gpt, opt, **quiet_options(tmp_path, log_every=log_every)) as mon:
+        for step in range(1, 10):
+            ids = make_batch(step)
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = lm_loss(tiny_gpt(ids), ids)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            seen = len(sync_counter)
+            mon.step(loss, tokens=ids.numel())
+            per_step[step] = sync_counter[seen:]
+    for step, calls in per_step.items():
+        if step == 1 or step % log_every == 0:
+            assert len(calls) == 1 and calls[0].startswith("tolist"), (step, calls)
+        else:
+            assert calls == [], (step, calls)
+    assert mon.findings == []
+    assert mon.last_metrics["train/skipped_steps"] == 0.0

@@ -94,6 +94,8 @@ def format_metrics(metrics: Mapping[str, Any]) -> list[str]:
         fields.append(f"lr {_num(v, '.2e')}")
     if (v := get("train/grad_norm")) is not None:
         fields.append(f"gnorm {_num(v, '.3g')}")
+    if (v := get("train/skipped_steps")) is not None and v > 0:  # GradScaler skipped steps
+        fields.append(f"skipped {_num(v, '.0f')}")
     if (v := get("perf/tokens_per_sec")) is not None:
         fields.append(f"tok/s {_si(v)}")
     if (v := get("perf/mfu")) is not None:
