@@ -63,6 +63,7 @@ class CallbackAliases:
             "tokens_total": self.tokens_total,
             "alerted": sorted(self._alerted),
             "recorder": self.recorder.state_dict(),
+            "cadence": self._cadence.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -73,8 +74,12 @@ class CallbackAliases:
         self.tokens_total = float(state["tokens_total"])
         self._alerted = set(state.get("alerted", []))
         self.recorder.load_state_dict(state.get("recorder", {}))
+        self._cadence.load_state_dict(state.get("cadence", {}))
+        self._probe.rolling = False
         self._acc.reset()
         if not self._is_log_step(self._step + 1):
-            self._probe.armed = False
+            self._probe.disarm()
+            if self._timer is not None:
+                self._timer.disarm()
             if self._watcher is not None:
                 self._watcher.disarm()

@@ -111,14 +111,46 @@ def combine(per_rank: Sequence[Sequence[float]], reduce: str) -> list[float]:
     raise ValueError(f"unknown reduce {reduce!r}")
 
 
-def step_time_metrics(step_time_per_rank: Sequence[float]) -> dict[str, float]:
-    """``dist/step_time_max``, ``dist/step_time_min`` (seconds, mean step time of the interval
-    on the slowest / fastest rank) and ``dist/slowest_rank`` (its rank number)."""
-    if len(step_time_per_rank) < 2:
+def step_time_metrics(
+    step_time_per_rank: Sequence[float],
+    *,
+    data: Sequence[float] | None = None,
+    compute: Sequence[float] | None = None,
+) -> dict[str, float]:
+    """Per-rank timing of one log interval (seconds; see docs/metrics.md).
+
+    ``dist/step_time_max`` / ``dist/step_time_min``: mean step time of the interval on the
+    slowest / fastest rank. Step times include the wait in the gradient all-reduce, so they
+    even out across ranks; a rank's *own* time does not: ``dist/data_time/<r>`` (mean time
+    from ``step()`` to the next forward, per step) and ``dist/compute_time/<r>`` (the log
+    step's forward, see timing.py), with their ``_max`` / ``_min`` over ranks.
+    ``dist/slowest_rank``: the rank with the largest data + compute time when those were
+    measured, else the one with the largest step time.
+    """
+    n = len(step_time_per_rank)
+    if n < 2:
         return {}
-    slowest = max(range(len(step_time_per_rank)), key=lambda r: step_time_per_rank[r])
-    return {
+    slowest = max(range(n), key=lambda r: step_time_per_rank[r])
+    out = {
         "dist/step_time_max": float(step_time_per_rank[slowest]),
         "dist/step_time_min": float(min(step_time_per_rank)),
-        "dist/slowest_rank": float(slowest),
     }
+    own = [0.0] * n
+    measured = False
+    for name, values in (("data_time", data), ("compute_time", compute)):
+        if values is None or len(values) != n:
+            continue
+        finite = [float(v) for v in values if math.isfinite(v)]
+        if not finite:
+            continue
+        measured = True
+        for r, v in enumerate(values):
+            if math.isfinite(v):
+                out[f"dist/{name}/{r}"] = float(v)
+                own[r] += float(v)
+        out[f"dist/{name}_max"] = max(finite)
+        out[f"dist/{name}_min"] = min(finite)
+    if measured:
+        slowest = max(range(n), key=lambda r: own[r])
+    out["dist/slowest_rank"] = float(slowest)
+    return out

@@ -290,6 +290,43 @@ class IntervalAccumulator:
             skipped=skipped,
         )
 
+    def regroup(self, groups: Sequence[int]) -> None:
+        """Re-count the recorded calls as steps of ``groups[i]`` consecutive calls each (the
+        micro-batches of one optimizer step, see cadence.py): a step's loss is the mean of
+        its calls' losses (on the device), its grad norm the last one given, its step and
+        data times the sums; tokens are totals already. Not skipped: each group ended with
+        an optimizer step."""
+        if sum(groups) != self.n:
+            raise ValueError(f"groups {list(groups)} do not cover the {self.n} recorded calls")
+        aligned = len(self.data_times) == self.n
+        losses, gnorms, step_times, data_times = [], [], [], []
+        start = 0
+        for size in groups:
+            end = start + size
+            part = [v for v in self._loss[start:end] if v is not None]
+            tensors = [v for v in part if isinstance(v, torch.Tensor)]
+            if tensors and len(tensors) == len(part):
+                dev = tensors[0].device
+                losses.append(
+                    torch.stack([t.to(dev, torch.float32).reshape(()) for t in tensors]).mean()
+                )
+            elif part:
+                losses.append(math.fsum(float(v) for v in part) / len(part))  # host values
+            else:
+                losses.append(None)
+            given = [g for g in self._gnorm[start:end] if g is not None]
+            gnorms.append(given[-1] if given else None)
+            step_times.append(math.fsum(self.step_times[start:end]))
+            if aligned:
+                data_times.append(math.fsum(self.data_times[start:end]))
+            start = end
+        self._loss, self._gnorm = losses, gnorms
+        self.step_times = step_times
+        if aligned:
+            self.data_times = data_times
+        self.skipped = [False] * len(groups)
+        self.n = len(groups)
+
     def reset(self) -> None:
         """Start a new interval."""
         self.n = 0

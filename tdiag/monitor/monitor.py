@@ -25,6 +25,7 @@ from torch import nn
 from tdiag.history import HISTORY_FILE, META_FILE, write_json_atomic
 from tdiag.monitor import alerts
 from tdiag.monitor.alerts import NonFiniteError
+from tdiag.monitor.cadence import PROBATION_CALLS, StepCadence
 from tdiag.monitor.callbacks import CallbackAliases
 from tdiag.monitor.config import MonitorConfig, build_sinks, infer_clip
 from tdiag.monitor.distributed import gather_rows, rank_info, step_time_metrics
@@ -39,6 +40,7 @@ from tdiag.monitor.recorder import FlightRecorder
 from tdiag.monitor.runinfo import SignalFlag, build_meta, guarded, model_device, write_end_meta
 from tdiag.monitor.sinks import MultiSink, NullSink, Sink
 from tdiag.monitor.system import cuda_memory_stats
+from tdiag.monitor.timing import ForwardTimer
 
 __all__ = ["Monitor", "MonitorConfig", "NonFiniteError"]
 
@@ -55,6 +57,8 @@ class Monitor(CallbackAliases):
         model: the model being trained (``nn.Module``; DDP/FSDP-wrapped is fine).
         optimizer: its optimizer (for LRs, the gradient norm and the update ratio).
         config: the run's config (a dict; stored in meta.json).
+        scaler: the ``torch.amp.GradScaler`` of a mixed-precision loop, if any: its scale
+            turns the end-of-backward gradient into the unscaled pre-clip norm.
         sinks: extra sinks (rank 0 only), besides those the options switch on.
         **options: see :class:`MonitorConfig` (``run_dir``, ``log_every``, ``watch`` …).
 
@@ -68,6 +72,7 @@ class Monitor(CallbackAliases):
         optimizer: Any = None,
         *,
         config: Any = None,
+        scaler: Any = None,
         sinks: Sequence[Sink] = (),
         **options: Any,
     ) -> None:
@@ -87,13 +92,25 @@ class Monitor(CallbackAliases):
         self.findings: list[Any] = []  # live Findings raised (on every rank)
         self.last_metrics: dict[str, float] = {}  # the last logged row (on every rank)
         self.tokens_total = 0.0
-        self._acc = IntervalAccumulator(self.options.log_every)
+        self._acc = IntervalAccumulator(max(self.options.log_every, PROBATION_CALLS + 1))
+        self._cadence = StepCadence()
+        self._micro: list[tuple[Any, Any, float | None, float]] = []  # folded micro-batches
+        self._probation_bwd: list[torch.Tensor] = []
+        self._first_bwd_finite = False
         self.recorder = FlightRecorder(self.options.flight_recorder)
         self._names = {id(p): n for n, p in model.named_parameters()}
         layers = self.options.watch == "layers"
         self._probe = GradientProbe(
-            optimizer, self._names, update_ratio=self.options.update_ratio, per_tensor=layers
+            optimizer,
+            self._names,
+            params=list(model.parameters()),
+            update_ratio=self.options.update_ratio,
+            per_tensor=layers,
+            scaler=scaler,
         )
+        self._probe.rolling = True  # until the step cadence is known (cadence.py)
+        # Per-rank forward time (straggler naming) is needed under torchrun only.
+        self._timer = ForwardTimer(model, self.device) if self.rank.distributed else None
         # Optimizer steps counted by a post-hook (a Python int, no device op): a step() that
         # saw none was skipped, e.g. by torch.amp.GradScaler after inf/NaN gradients.
         self._opt_steps = 0
@@ -197,8 +214,9 @@ class Monitor(CallbackAliases):
         return step == 1 or step % self.options.log_every == 0
 
     def _arm(self) -> None:
-        self._probe.reset()
-        self._probe.armed = True
+        self._probe.arm()
+        if self._timer is not None:
+            self._timer.arm()
         if self._watcher is not None:
             guarded(self._watcher.arm, "attaching the layer hooks")
 
@@ -231,6 +249,21 @@ class Monitor(CallbackAliases):
             self._warn_closed("step")
             return
         now = time.perf_counter()
+        stepped = None if self._opt_hook is None else self._opt_steps != self._opt_steps_seen
+        verdict = self._cadence.observe(stepped)
+        if data_time is None and self._forward_seen is not None:
+            data_time = self._forward_seen - self._t_return
+        self._forward_seen = None
+        step_time = now - self._t_return
+        if verdict == "fold":  # a micro-batch of the optimizer step to come (cadence.py)
+            self._micro.append((loss, tokens, data_time, step_time))
+            self._await_forward = True
+            self._t_return = time.perf_counter()
+            return
+        if verdict == "close" and self._micro:
+            loss, tokens, data_time, step_time = self._merge_micro(
+                loss, tokens, data_time, step_time
+            )
         self._step += 1
         if self._step == 1 and self._prior_history:
             self._prior_history = False
@@ -242,26 +275,107 @@ class Monitor(CallbackAliases):
                 self.run_dir,
             )
         self._skipped = self._step_skipped()
-        if data_time is None and self._forward_seen is not None:
-            data_time = self._forward_seen - self._t_return
-        self._forward_seen = None
+        # Step 1 is logged whatever the cadence; its host values tell a scaler's skip
+        # (inf/NaN gradients) from a first micro-batch (see _after_first_log).
+        first_open = verdict == "defer" and self._step == 1
+        if verdict == "defer" and stepped is False and "bwd_sq" in self._probe.values:
+            self._probation_bwd.append(self._probe.values["bwd_sq"])
+        if verdict == "regroup" and not self._micro_confirmed():
+            verdict = self._cadence.reject()
         try:
             self._acc.add(
                 loss, tokens=tokens, grad_norm=grad_norm, data_time=data_time, skipped=self._skipped
             )
-            self._acc.step_times.append(now - self._t_return)
+            self._acc.step_times.append(step_time)
         except Exception as exc:  # a monitoring failure never stops training
             logger.warning("tdiag: could not record step %d (%r)", self._step, exc)
+        if verdict == "regroup":
+            guarded(self._regroup, "counting micro-batches as optimizer steps")
+        if verdict != "defer":
+            self._probe.rolling = False
         if self.options.strict:
             self._strict_check(loss, grad_norm)
         if self._signals.signum is not None:
             self._on_signal()
-        elif self._is_log_step(self._step) or self._acc.n >= self._acc.capacity:
-            guarded(self._log_step, f"logging step {self._step}")
-        if self._is_log_step(self._step + 1):
+        elif verdict == "defer" and not first_open:
+            pass  # the next row waits until the step cadence is known
+        elif (
+            first_open
+            or verdict in ("flush", "regroup")
+            or self._is_log_step(self._step)
+            or self._acc.n >= self.options.log_every
+        ):
+            metrics = guarded(self._log_step, f"logging step {self._step}")
+            if first_open:
+                self._after_first_log(metrics)
+        if self._cadence.mode == "probation":
+            if not self._probe.armed:
+                self._arm()  # keep measuring every optimizer step until decided
+        elif self._is_log_step(self._step + 1):
             self._arm()
         self._await_forward = True
         self._t_return = time.perf_counter()
+
+    # -- micro-batches (cadence.py) --------------------------------------------------------
+    def _merge_micro(
+        self, loss: Any, tokens: Any, data_time: float | None, step_time: float
+    ) -> tuple[Any, Any, float | None, float]:
+        """One optimizer step from the folded micro-batch calls and this one: the mean loss
+        (on the device), summed tokens, data and step times."""
+        calls = [*self._micro, (loss, tokens, data_time, step_time)]
+        self._micro = []
+        losses = [c[0] for c in calls if c[0] is not None]
+        tensors = [v.detach().float().mean() for v in losses if isinstance(v, torch.Tensor)]
+        if tensors and len(tensors) == len(losses):
+            dev = tensors[0].device
+            loss = torch.stack([t.to(dev) for t in tensors]).mean()
+        elif losses:
+            loss = math.fsum(float(v) for v in losses) / len(losses)
+        toks = [c[1] for c in calls if c[1] is not None]
+        if any(isinstance(t, torch.Tensor) for t in toks):
+            tokens = sum(t.detach().sum() if isinstance(t, torch.Tensor) else t for t in toks)
+        else:
+            tokens = sum(int(t) for t in toks) if toks else None
+        dts = [c[2] for c in calls if c[2] is not None]
+        data_time = math.fsum(dts) if dts else None
+        return loss, tokens, data_time, math.fsum(c[3] for c in calls)
+
+    def _after_first_log(self, metrics: Mapping[str, float] | None) -> None:
+        """Step 1 had no optimizer step. With inf/NaN (or no) gradients it was a skipped
+        step (GradScaler): decided, real steps. With finite ones it may be a micro-batch: the
+        cadence stays open, and the row just written counts as part of optimizer step 1."""
+        finite = self._first_bwd_finite
+        if not finite:
+            self._cadence.reject()
+            self._probe.rolling = False
+        else:
+            self._cadence.logged = 1
+
+    def _micro_confirmed(self) -> bool:
+        """Micro-batches, not a scaler's skips: no call without a step had inf/NaN gradients."""
+        flags, self._probation_bwd = self._probation_bwd, []
+        if not flags:
+            return True
+        dev = flags[0].device
+        return bool(
+            torch.stack([f.to(dev).reshape(()) for f in flags]).isfinite().all()
+        )  # host sync (once)
+
+    def _regroup(self) -> None:
+        groups = list(self._cadence.groups)
+        groups[0] -= self._cadence.logged  # step 1's row (a first micro-batch) is written
+        self._acc.regroup(groups)
+        self._step = len(groups)
+        k = self._cadence.period
+        logger.warning(
+            "tdiag: mon.step() is called %d times per optimizer step (once per micro-batch of "
+            "gradient accumulation?). Call it once per optimizer step, after optimizer.step(), "
+            "with that step's loss (the mean over its micro-batches, not divided by the "
+            "accumulation steps) and its tokens. tdiag now counts every %d calls as one step "
+            "(their mean loss, their summed tokens).",
+            k,
+            k,
+        )
 
     def log(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         """Write extra metrics (e.g. ``{"val/loss": v}``) at ``step`` (default: the current
@@ -340,12 +454,14 @@ class Monitor(CallbackAliases):
         first_step = self._step - n + 1
         collective = self.rank.distributed and not final
         try:
-            host, layout, mem, elapsed, tensor_names = self._gather(n, collective)
+            host, layout, mem, elapsed, probed = self._gather(n, collective)
             summary = self._acc.summary(host)
-            metrics = self._interval_metrics(host, summary, layout, mem, elapsed, tensor_names)
+            metrics = self._interval_metrics(host, summary, layout, mem, elapsed, probed)
         finally:  # even if something failed: a fresh interval, no hook left attached
             self._acc.reset()
-            self._probe.armed = False
+            self._probe.disarm()
+            if self._timer is not None:
+                self._timer.disarm()
             if self._watcher is not None:
                 self._watcher.disarm()
         for i in range(n):
@@ -357,7 +473,7 @@ class Monitor(CallbackAliases):
         self._check_nonfinite(summary, metrics, first_step, where)
         return metrics
 
-    def _gather(self, n: int, collective: bool) -> tuple[dict[str, Any], Any, dict, float, list]:
+    def _gather(self, n: int, collective: bool) -> tuple[dict[str, Any], Any, dict, float, dict]:
         batch = DeviceBatch()
         self._acc.add_to(batch)
         if (
@@ -373,6 +489,11 @@ class Monitor(CallbackAliases):
         layout = self._watcher.add_to(batch) if self._watcher and self._watcher.armed else None
         local_elapsed = time.perf_counter() - self._t_prev_log
         batch.add("host/step_time", local_elapsed / n, "all")
+        if self.rank.distributed:  # per-rank own time, to name a straggler (timing.py)
+            data = self._acc.data_times
+            batch.add("host/data_time", math.fsum(data) / len(data) if data else math.nan, "all")
+            compute = guarded(self._timer.seconds, "timing the forward") if self._timer else None
+            batch.add("host/compute_time", math.nan if compute is None else compute, "all")
         batch.add("host/tokens", float(self._acc.tokens), "sum")
         mem = guarded(lambda: cuda_memory_stats(self.device), "reading CUDA memory") or {}
         for key, value in mem.items():
@@ -387,22 +508,33 @@ class Monitor(CallbackAliases):
         elapsed, self._t_prev_log = now - self._t_prev_log, now
         if self._watcher is not None:
             self._watcher.disarm()
-        self._probe.armed = False
-        tensor_names = self._probe.tensor_names
+        probed = {
+            "names": self._probe.tensor_names,
+            "scale": self._probe.scale,
+            "lr": guarded(self._probe.lr_metrics, "reading the LR"),
+        }
+        self._probe.disarm()
         self._probe.reset()
-        return host, layout, mem, elapsed, tensor_names
+        return host, layout, mem, elapsed, probed
 
     def _interval_metrics(
-        self, host: dict, summary: Any, layout: Any, mem: dict, elapsed: float, names: list
+        self, host: dict, summary: Any, layout: Any, mem: dict, elapsed: float, probed: dict
     ) -> dict[str, float]:
         tokens = host["host/tokens"][0] + sum(host.get("acc/tokens", [0.0]))
         self.tokens_total += tokens
-        metrics = GradientProbe.metrics(host, names)
+        metrics = self._probe.metrics(host, probed["names"], scale=probed["scale"])
+        bwd = host.get("probe/bwd_sq")
+        self._first_bwd_finite = bwd is not None and math.isfinite(bwd[0])
         if summary.skipped and summary.skipped[-1]:  # the probed step was skipped (GradScaler)
             metrics = {k: v for k, v in metrics.items() if not k.startswith(_PROBED_STEP_KEYS)}
         metrics.update(summarize_interval(summary, clip=self.clip, tokens=tokens, elapsed=elapsed))
         metrics["train/tokens"] = self.tokens_total
-        metrics.update(guarded(lambda: learning_rates(self.optimizer), "reading the LR") or {})
+        # The LR the probed step used (read in its pre-hook: a scheduler steps after it);
+        # without an optimizer step seen, the optimizer's current LR.
+        lrs = probed["lr"]
+        if lrs is None:
+            lrs = guarded(lambda: learning_rates(self.optimizer), "reading the LR") or {}
+        metrics.update(lrs)
         if layout is not None:
             metrics.update(self._watcher.metrics(host, layout))
         metrics.update(self._mfu.metrics(metrics.get("perf/tokens_per_sec"), self.rank.world_size))
@@ -411,7 +543,17 @@ class Monitor(CallbackAliases):
         metrics.update({k: host[k][0] for k in mem})
         if self._sampler is not None:
             metrics.update(guarded(self._sampler.latest, "reading system metrics") or {})
-        metrics.update(step_time_metrics([r[0] for r in host["host/step_time"]]))
+        metrics.update(
+            step_time_metrics(
+                [r[0] for r in host["host/step_time"]],
+                data=[r[0] for r in host["host/data_time"]] if "host/data_time" in host else None,
+                compute=(
+                    [r[0] for r in host["host/compute_time"]]
+                    if "host/compute_time" in host
+                    else None
+                ),
+            )
+        )
         return metrics
 
     # -- live detection --------------------------------------------------------------------
@@ -498,6 +640,8 @@ class Monitor(CallbackAliases):
         if self._watcher is not None:
             self._watcher.disarm()
         self._probe.remove()
+        if self._timer is not None:
+            self._timer.remove()
         self._root_hook.remove()
         if self._opt_hook is not None:
             self._opt_hook.remove()

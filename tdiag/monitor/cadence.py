@@ -1,0 +1,95 @@
+"""Telling optimizer steps from ``mon.step()`` calls: ``step()`` called once per micro-batch.
+
+The Monitor counts ``optimizer.step()`` calls with a post-hook. A ``step()`` with no
+optimizer step since the previous one is either a step the optimizer skipped (a
+``GradScaler`` that found inf/NaN gradients; a loop that skips an update) or a micro-batch
+of gradient accumulation: the loop calls ``mon.step()`` inside its accumulation loop. The
+two look alike one call at a time; the pattern tells them apart. Micro-batches repeat with
+a fixed period k from the first step on (k-1 calls without a step, then one with); a
+scaler skips the first few steps at most, then steps on every call.
+
+So, at the start of a run, while no ``step()`` has yet had an optimizer step behind it,
+the Monitor *defers* its first log row (the calls are recorded but not yet written) until
+the pattern is clear: two cycles of the same length k >= 2 mean micro-batches (the calls
+are re-counted as optimizer steps, one warning says what to do); anything else means
+real steps, skipped or not, and the deferred rows are written as they are. A run whose
+first ``step()`` follows an optimizer step — every correct loop — is decided at once and
+defers nothing.
+"""
+
+from __future__ import annotations
+
+__all__ = ["PROBATION_CALLS", "StepCadence"]
+
+PROBATION_CALLS = 64
+"""At most this many calls are deferred while the pattern is unclear."""
+
+
+class StepCadence:
+    """The decision, one ``step()`` call at a time.
+
+    :meth:`observe` returns what the Monitor does with the call:
+
+    - ``"record"``: an ordinary step;
+    - ``"defer"``: record it, but write no log row yet (the pattern is still open);
+    - ``"flush"``: decided: the calls are real steps; record it and write the deferred row;
+    - ``"regroup"``: decided: micro-batches of period :attr:`period`; record it, then re-count
+      the deferred calls as the optimizer steps :attr:`groups` and write the row;
+    - ``"fold"``: a micro-batch (after the decision): keep it for the optimizer step;
+    - ``"close"``: the micro-batch that ends an optimizer step: record the step.
+    """
+
+    def __init__(self) -> None:
+        self.mode = "probation"  # then "per-call" or "micro"
+        self.period: int | None = None
+        self.groups: list[int] = []
+        self.logged = 0
+        """Calls of the first group already written as step 1's row (the Monitor sets it)."""
+        self._calls = 0
+        self._since = 0
+
+    def observe(self, stepped: bool | None) -> str:
+        """``stepped``: an optimizer step ran since the previous call (None: unknown)."""
+        if self.mode == "per-call":
+            return "record"
+        if self.mode == "micro":
+            return "close" if stepped else "fold"
+        self._calls += 1
+        self._since += 1
+        if stepped is None:
+            return self._decide_per_call()
+        if stepped:
+            self.groups.append(self._since)
+            self._since = 0
+            if self.groups == [1]:
+                return self._decide_per_call()
+            if len(self.groups) >= 2:
+                a, b = self.groups[-2:]
+                if len(self.groups) == 2 and a == b >= 2:
+                    self.mode, self.period = "micro", a
+                    return "regroup"
+                return self._decide_per_call()
+            return "defer"
+        if self._calls >= PROBATION_CALLS:
+            return self._decide_per_call()
+        return "defer"
+
+    def reject(self) -> str:
+        """Undo a ``"regroup"`` decision (the calls were skipped steps after all)."""
+        self.mode, self.period = "probation", None
+        return self._decide_per_call()
+
+    def _decide_per_call(self) -> str:
+        deferred = self._calls > 1 + self.logged
+        self.mode = "per-call"
+        self.groups = []
+        return "flush" if deferred else "record"
+
+    def state_dict(self) -> dict:
+        return {"mode": self.mode, "period": self.period}
+
+    def load_state_dict(self, state: dict) -> None:
+        mode = state.get("mode", "per-call")
+        # A resumed run restarts mid-stream: no deferral, but keep a known micro period.
+        self.mode = "micro" if mode == "micro" else "per-call"
+        self.period = state.get("period")
