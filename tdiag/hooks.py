@@ -55,6 +55,18 @@ ModuleFilter = Callable[[str, nn.Module], bool]
 # Errors a statistic can raise on exotic tensors (sparse, meta, nested...): the hook records
 # nothing for that call instead of breaking the user's forward/backward.
 _HOOK_ERRORS = (RuntimeError, TypeError, ValueError, NotImplementedError)
+#: Length of the error quoted in the one warning a failing hook logs.
+_MAX_ERROR_CHARS = 200
+
+
+def _one_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` (a dispatcher error such as "Could not run
+    'aten::aminmax' with arguments from the 'NestedTensorCPU' backend" goes on to list every
+    backend over ~90 lines)."""
+    first = str(exc).strip().split("\n", 1)[0]
+    if len(first) > _MAX_ERROR_CHARS:
+        first = first[: _MAX_ERROR_CHARS - 3] + "..."
+    return f"{type(exc).__name__}: {first}"
 
 
 def first_float_tensor(obj: Any, _depth: int = 0) -> torch.Tensor | None:
@@ -100,7 +112,9 @@ class _HookOwner:
 
     def _hook_failed(self, where: str, exc: BaseException) -> None:
         if self.errors == 0:
-            logger.warning("tdiag hook on %s could not record (%s); recording nothing", where, exc)
+            logger.warning(
+                "tdiag hook on %s could not record (%s); recording nothing", where, _one_line(exc)
+            )
         self.errors += 1
 
     def detach(self) -> None:
@@ -557,7 +571,9 @@ class AttentionCapture(TorchFunctionMode):
             fn(*a)
         except _HOOK_ERRORS as exc:
             if self.errors == 0:
-                logger.warning("tdiag attention capture could not record a call (%s)", exc)
+                logger.warning(
+                    "tdiag attention capture could not record a call (%s)", _one_line(exc)
+                )
             self.errors += 1
 
     def _append(

@@ -40,8 +40,10 @@ from tdiag.debug.context import (
     CheckContext,
     ModelOutputError,
     forward_params,
+    logits_from_output,
     loss_from_output,
 )
+from tdiag.debug.probes import fastpath_off
 from tdiag.debug.usercode import LoadError, deadline, fail, user_traceback
 
 __all__ = [
@@ -315,7 +317,8 @@ def load_target(
             "; a random batch: if the model takes fewer tokens, pass --seq-len N (or give it a "
             "config with max_seq_len / block_size)"
         )
-    validate_forward(ctx, path, length_note=note)
+    with fastpath_off(ctx.model):  # the path the checks take (see tdiag.debug.probes.fastpath_off)
+        validate_forward(ctx, path, length_note=note)
     return ctx
 
 
@@ -343,12 +346,14 @@ def validate_forward(ctx: CheckContext, path: Path, *, length_note: str = "") ->
     A forward that returns the logits of fewer positions than it was given (nanoGPT returns
     only the last one when called without targets) is called again with next-token targets
     when it has a parameter for them (:data:`~tdiag.debug.context.TARGET_PARAM_NAMES`); the
-    checks then always pass them (``ctx.targets_arg``).
+    checks then always pass them (``ctx.targets_arg``). When that call raises, the error is
+    the user's exception with their frames, and says why the targets were passed.
 
     Args:
         length_note: said after a forward crash, e.g. where the random batch's length came from.
     """
     torch.manual_seed(ctx.seed)
+    without: str | None = None  # what the forward returned without targets, when retried
     try:
         with torch.no_grad():
             out = ctx.call_model()
@@ -358,11 +363,11 @@ def validate_forward(ctx: CheckContext, path: Path, *, length_note: str = "") ->
                 name = _targets_param(ctx.model)
                 if name is None or ctx.targets_arg is not None:
                     raise
-                ctx.targets_arg = name
+                ctx.targets_arg, without = name, _logits_shape(out)
+                out = ctx.call_model()  # raising here: the user's error, reported below
                 try:
-                    out = ctx.call_model()
                     logits = ctx._checked_logits(out, ctx.batch)
-                except Exception:  # user code: the retry did not help, report the first problem
+                except ModelOutputError:  # the targets did not help: report the first problem
                     ctx.targets_arg = None
                     raise first from None
                 logger.info("forward returns all positions only with %s=...; passing them", name)
@@ -373,20 +378,41 @@ def validate_forward(ctx: CheckContext, path: Path, *, length_note: str = "") ->
             cause="bad-output",
         ) from None
     except Exception as exc:  # user code
-        raise fail(
-            "forward-raised",
-            f"the model's forward pass raised {type(exc).__name__}: {str(exc).rstrip('.')}. "
-            "(Called as "
-            f"{_call_shape(ctx)} with input_ids of shape {tuple(ctx.input_ids.shape)}"
-            f"{length_note}.)",
-            exc,
-            path,
-        ) from None
+        raise _forward_raised(ctx, exc, path, length_note, without) from None
     ctx.cache["logits_shape"] = tuple(logits.shape)
     _targets_needed_without_them(ctx)
     if _labels_out_of_range(ctx, logits.shape[-1]):
         return
     validate_loss(ctx, out, logits, path)
+
+
+def _forward_raised(
+    ctx: CheckContext, exc: Exception, path: Path, length_note: str, without: str | None
+) -> LoadError:
+    """The LoadError of a forward that raised, with the user's frames. ``without``: what the
+    forward returned without targets when the call that raised was the retry with them."""
+    why = ""
+    if without is not None:
+        why = (
+            f": without {ctx.targets_arg} it returns {without}, not the logits of every "
+            "position, so tdiag passes them as a training loop does"
+        )
+    return fail(
+        "forward-raised",
+        f"the model's forward pass raised {type(exc).__name__}: {str(exc).rstrip('.')}. "
+        f"(Called as {_call_shape(ctx)} with input_ids of shape {tuple(ctx.input_ids.shape)}"
+        f"{why}{length_note}.)",
+        exc,
+        path,
+    )
+
+
+def _logits_shape(out: Any) -> str:
+    """What a model output holds, for a message: "logits of shape (4, 1, 40)"."""
+    try:
+        return f"logits of shape {tuple(logits_from_output(out).shape)}"
+    except ModelOutputError:
+        return f"a {type(out).__name__} without logits"
 
 
 def _targets_needed_without_them(ctx: CheckContext) -> None:

@@ -296,7 +296,8 @@ class CheckContext:
     def recorded_forward(self) -> dict[str, Any]:
         """One no-grad forward of ``ctx.batch`` with an :class:`~tdiag.hooks.ActivationRecorder`
         (inputs too), cached in ``ctx.cache``: ``{"rows": [to_host() rows in execution order],
-        "logits": Tensor (B, L, V), "loss": the output's own loss tensor or None}``."""
+        "logits": Tensor (B, L, V), "loss": the output's own loss tensor or None,
+        "hook_errors": number of module calls the hooks could not record}``."""
         key = "recorded_forward"
         if key not in self.cache:
             torch.manual_seed(self.seed)
@@ -307,6 +308,7 @@ class CheckContext:
                 "rows": rec.to_host(),
                 "logits": logits.detach(),
                 "loss": loss_from_output(out),
+                "hook_errors": rec.errors,
             }
         return self.cache[key]
 

@@ -199,12 +199,17 @@ def activation_growth(ctx: CheckContext) -> list[Finding]:
     blocks = [name for name, _ in ctx.block_modules()]
     if len(blocks) < 2:
         raise SkipCheck("no stack of >= 2 repeated blocks (nn.ModuleList) found")
-    rows = ctx.recorded_forward()["rows"]
+    rec = ctx.recorded_forward()
     first: dict[str, float] = {}
-    for r in rows:
+    for r in rec["rows"]:
         if r["name"] in blocks and r["name"] not in first:
             first[r["name"]] = r["out"]["rms"]
     rms = [(b, first[b]) for b in blocks if b in first]
+    if len(rms) < 2 and rec["hook_errors"]:
+        raise SkipCheck(
+            f"the activation hooks could not record {rec['hook_errors']} module call(s), "
+            "among them the blocks' outputs (the warning on stderr says why)"
+        )
     if len(rms) < 2:
         raise SkipCheck("the blocks returned no floating tensor output")
     values = [v for _, v in rms]

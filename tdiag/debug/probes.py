@@ -2,6 +2,8 @@
 
 - :func:`controlled` runs the model in a chosen train/eval mode with a fixed RNG and puts
   every module's mode and every buffer (BatchNorm running stats, ...) back afterwards.
+- :func:`fastpath_off` keeps PyTorch's MultiheadAttention / TransformerEncoder "fast path"
+  (native kernels, nested tensors for padded batches) off while the checks run.
 - :class:`EmbeddingPerturbation` adds noise to chosen (sample, position) entries of the
   token-embedding output through a forward hook, so a check can ask "does the output here
   depend on the input there?" of any model that has an ``nn.Embedding``.
@@ -31,9 +33,11 @@ __all__ = [
     "changed",
     "clean_batch",
     "controlled",
+    "fastpath_off",
     "first_divergent_module",
     "region_values",
     "relative_change",
+    "seeded",
 ]
 
 #: Relative change (max |a-b| / max |a|) above which an output "depends" on a perturbed
@@ -46,21 +50,49 @@ CHANGE_RTOL = 1e-4
 #: Perturbation added to embeddings, in units of the embedding output's RMS.
 PERTURB_SCALE = 1.0
 
+#: The dropout layers ``controlled(..., dropout=False)`` switches off.
+DROPOUT_MODULES = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
+
 
 @contextlib.contextmanager
-def controlled(model: nn.Module, *, train: bool, seed: int) -> Iterator[None]:
+def seeded(seed: int) -> Iterator[None]:
+    """Run the block with the RNG seeded to ``seed``; the global RNG state (CPU and the
+    current CUDA device) is put back afterwards (``torch.random.fork_rng``)."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+@contextlib.contextmanager
+def controlled(model: nn.Module, *, train: bool, seed: int, dropout: bool = True) -> Iterator[None]:
     """Run ``model`` in train (``train=True``) or eval mode with a seeded RNG; restore after.
 
     Every module's ``training`` flag and every buffer are put back, so BatchNorm running
     statistics updated by a train-mode forward do not leak into the user's model. The
-    global RNG state is restored too (``torch.random.fork_rng``).
+    global RNG state is restored too.
+
+    Args:
+        dropout: with ``train=True``, False puts the ``nn.Dropout*`` modules in eval mode (the
+            rest stays in train mode: BatchNorm uses batch statistics). Functional dropout
+            (``F.dropout(x, training=self.training)``, SDPA's ``dropout_p``) still draws from
+            the RNG, seeded identically for every forward a check compares.
     """
     modes = [(m, m.training) for m in model.modules()]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+    with seeded(seed):
         model.train(train)
+        if not dropout:
+            for m in model.modules():
+                if isinstance(m, DROPOUT_MODULES):
+                    m.eval()
         try:
             yield
         finally:
@@ -69,6 +101,43 @@ def controlled(model: nn.Module, *, train: bool, seed: int) -> Iterator[None]:
             with torch.no_grad():
                 for b, saved in buffers:
                     b.copy_(saved)
+
+
+@contextlib.contextmanager
+def fastpath_off(model: nn.Module | None = None) -> Iterator[None]:
+    """PyTorch's MHA fast path off for the block (``torch.backends.mha``), restored after.
+
+    In eval mode without gradients, ``nn.TransformerEncoder`` given a
+    ``src_key_padding_mask`` turns its input into a nested tensor, and its layers and
+    ``nn.MultiheadAttention`` run fused native kernels. The checks run the model in eval mode
+    under ``no_grad``: nested tensors have no statistics (the activation hooks could record
+    nothing) and a layer takes the native path only when no hook is attached, so two
+    forwards a check compares would not run the same code. The math path gives the same
+    outputs at real tokens.
+
+    Args:
+        model: its ``nn.TransformerEncoder`` modules also get ``use_nested_tensor = False``
+            for the block (restored after): the only switch on a torch without
+            ``torch.backends.mha`` (before 2.3).
+    """
+    encoders = [m for m in model.modules() if isinstance(m, nn.TransformerEncoder)] if model else []
+    nested = [(m, m.use_nested_tensor) for m in encoders if hasattr(m, "use_nested_tensor")]
+    try:
+        from torch.backends import mha
+    except ImportError:  # older torch: no global switch
+        mha = None
+    before = mha.get_fastpath_enabled() if mha is not None else None
+    try:
+        if mha is not None:
+            mha.set_fastpath_enabled(False)
+        for m, _ in nested:
+            m.use_nested_tensor = False
+        yield
+    finally:
+        if mha is not None:
+            mha.set_fastpath_enabled(before)
+        for m, was in nested:
+            m.use_nested_tensor = was
 
 
 def clean_batch(ctx: CheckContext, *, max_batch: int | None = None) -> dict[str, torch.Tensor]:
@@ -202,7 +271,11 @@ def perturbed_forward(
     except _NotApplied:
         if on_retry is not None:
             on_retry()
-        return run(perturbed_ids(ctx, batch, where))
+        # the same random stream as the first attempt (and as the unperturbed forward it is
+        # compared with, run from the same seed): in train mode, other dropout masks alone
+        # would change every output
+        with seeded(ctx.seed):
+            return run(perturbed_ids(ctx, batch, where))
 
 
 # -- locating the first module where a dependence appears ---------------------------------------
@@ -307,6 +380,7 @@ def first_divergent_module(
     region: torch.Tensor,
     *,
     train: bool = False,
+    dropout: bool = True,
 ) -> str | None:
     """The first module (execution order) whose output in ``region`` changes when the
     inputs are perturbed at ``where`` while its own inputs in ``region`` did not.
@@ -315,9 +389,9 @@ def first_divergent_module(
     None when no module output could be compared.
     """
     with _Tracer(ctx.model, region) as tracer, torch.no_grad():
-        with controlled(ctx.model, train=train, seed=ctx.seed):
+        with controlled(ctx.model, train=train, seed=ctx.seed, dropout=dropout):
             ctx.forward(batch)
         tracer.compare = True
-        with controlled(ctx.model, train=train, seed=ctx.seed):
+        with controlled(ctx.model, train=train, seed=ctx.seed, dropout=dropout):
             perturbed_forward(ctx, batch, where, ctx.forward, on_retry=tracer.reset)
     return tracer.first

@@ -27,6 +27,7 @@ import torch
 
 from tdiag.debug import CHECKS  # importing the package registers every family
 from tdiag.debug.context import CheckContext
+from tdiag.debug.probes import fastpath_off
 from tdiag.debug.registry import CheckSpec, SkipCheck
 from tdiag.debug.usercode import DeadlineExceeded
 from tdiag.findings import Finding, Severity, count_by_severity, sort_findings
@@ -216,7 +217,8 @@ def _run_one(spec: CheckSpec, ctx: CheckContext) -> CheckResult:
         blocked = ctx.cache.get("blocked")
         if blocked and spec.family != "data":
             raise SkipCheck(blocked)
-        findings = list(spec.fn(ctx) or [])
+        with fastpath_off(ctx.model):  # no nested tensors; the same kernels with and without hooks
+            findings = list(spec.fn(ctx) or [])
     except SkipCheck as exc:
         return CheckResult(spec.id, "skipped", time.perf_counter() - t0, message=str(exc))
     except (

@@ -42,15 +42,22 @@ EQUIVARIANCE_RTOL = 1e-4
 KV_RTOL = 1e-3
 
 
-def _logits(ctx: CheckContext, batch: Mapping[str, Any], *, train: bool = False) -> torch.Tensor:
-    with torch.no_grad(), controlled(ctx.model, train=train, seed=ctx.seed):
+def _logits(
+    ctx: CheckContext, batch: Mapping[str, Any], *, train: bool = False, dropout: bool = True
+) -> torch.Tensor:
+    with torch.no_grad(), controlled(ctx.model, train=train, seed=ctx.seed, dropout=dropout):
         return ctx.forward(batch).detach()
 
 
 def _perturbed_logits(
-    ctx: CheckContext, batch: Mapping[str, Any], where: torch.Tensor, *, train: bool = False
+    ctx: CheckContext,
+    batch: Mapping[str, Any],
+    where: torch.Tensor,
+    *,
+    train: bool = False,
+    dropout: bool = True,
 ) -> torch.Tensor:
-    with torch.no_grad(), controlled(ctx.model, train=train, seed=ctx.seed):
+    with torch.no_grad(), controlled(ctx.model, train=train, seed=ctx.seed, dropout=dropout):
         return perturbed_forward(ctx, batch, where, ctx.forward).detach()
 
 
@@ -116,38 +123,108 @@ def _positions(ps: list[int]) -> str:
 
 
 # -- batch.mixing --------------------------------------------------------------------------------
+#: At most this many samples are compared: enough for BatchNorm statistics and for a mask
+#: or reshape running along the batch, and the number of forwards grows with log2 of it.
+MIXING_MAX_BATCH = 8
+
+
+def _sample_splits(n: int) -> list[tuple[list[int], list[int]]]:
+    """(perturbed, watched) sample sets covering every ordered pair of samples: for each bit of
+    the sample index, the samples with the bit set against those without, both ways. Two
+    samples differ in some bit, so each dependence of sample i on sample j shows in one split;
+    2·ceil(log2 n) forwards instead of n (watching only sample 0 misses a causal mask that
+    runs along the batch: sample 0 then sees no other sample, every later one sees it)."""
+    splits = []
+    for bit in range((n - 1).bit_length()):
+        ones = [b for b in range(n) if b >> bit & 1]
+        zeros = [b for b in range(n) if not b >> bit & 1]
+        splits += [(ones, zeros), (zeros, ones)]
+    return splits
+
+
+def _samples(ids: list[int]) -> str:
+    return ", ".join(map(str, ids))
+
+
 @register_check("batch.mixing", family="structure", title="Samples of a batch influence each other")
 def check_batch_mixing(ctx: CheckContext) -> list[Finding]:
-    """Perturb samples 1..B-1 and look at sample 0, in train mode (where BatchNorm mixes)."""
-    batch = clean_batch(ctx)
+    """Perturb some samples and watch the others, for splits covering every pair of samples,
+    in train mode (where BatchNorm mixes) with dropout layers off (see :func:`_sample_splits`)."""
+    batch = clean_batch(ctx, max_batch=MIXING_MAX_BATCH)
     B, L = batch["input_ids"].shape
-    others = torch.zeros(B, L, dtype=torch.bool)
-    others[1:] = True
-    base = _logits(ctx, batch, train=True)
-    out = _perturbed_logits(ctx, batch, others, train=True)
-    change = relative_change(base[0], out[0])  # host sync
-    if change <= LEAK_RTOL:
-        return []
-    where = first_divergent_module(ctx, batch, others, ~others, train=True)
-    return [
-        Finding(
-            id="batch.mixing",
-            severity=Severity.ERROR,
-            title="Samples of a batch influence each other",
-            message=(
-                f"Changing samples 1..{B - 1} of the batch changes the output of sample 0 "
-                f"(relative change {change:.3g}, training mode); {_where_text(where)}."
-            ),
-            where=where or None,
-            evidence={"relative_change": change, "threshold": LEAK_RTOL, "batch_size": B},
-            recommendation=(
-                "Each sample must be computed on its own: use LayerNorm/RMSNorm, not BatchNorm, "
-                "over token features; reshape with .view(B, L, H, D).transpose(1, 2) rather than "
-                "a view that crosses the batch dimension; keep the batch dimension first (or pass "
-                "batch_first=True to nn.MultiheadAttention / nn.TransformerEncoderLayer)."
-            ),
-        )
-    ]
+    base = _logits(ctx, batch, train=True, dropout=False)
+    for perturbed, watched in _sample_splits(B):
+        where = torch.zeros(B, L, dtype=torch.bool)
+        where[perturbed] = True
+        out = _perturbed_logits(ctx, batch, where, train=True, dropout=False)
+        per_sample = {i: relative_change(base[i], out[i]) for i in watched}  # host syncs
+        moved = [i for i, c in per_sample.items() if c > LEAK_RTOL]
+        if moved:
+            return [_mixing_finding(ctx, batch, perturbed, moved, max(per_sample.values()))]
+    return []
+
+
+def _mixing_finding(
+    ctx: CheckContext,
+    batch: dict[str, torch.Tensor],
+    perturbed: list[int],
+    moved: list[int],
+    change: float,
+) -> Finding:
+    B, L = batch["input_ids"].shape
+    where = torch.zeros(B, L, dtype=torch.bool)
+    where[perturbed] = True
+    region = torch.zeros(B, L, dtype=torch.bool)
+    region[moved] = True
+    name = first_divergent_module(ctx, batch, where, region, train=True, dropout=False)
+    seq_first = _sequence_first(ctx, name)
+    return Finding(
+        id="batch.mixing",
+        severity=Severity.ERROR,
+        title="Samples of a batch influence each other",
+        message=(
+            f"Changing sample(s) {_samples(perturbed)} of a batch of {B} changes the output of "
+            f"sample(s) {_samples(moved)} (max relative change {change:.3g}, training mode, "
+            f"dropout off); {_where_text(name)}."
+            + (
+                f" {name!r} is sequence-first (batch_first=False) but is given batch-first "
+                "tensors (B, L, D): it attends across the batch instead of along each sequence."
+                if seq_first
+                else ""
+            )
+        ),
+        where=name or None,
+        evidence={
+            "relative_change": change,
+            "threshold": LEAK_RTOL,
+            "batch_size": B,
+            "perturbed_samples": perturbed,
+            "changed_samples": moved,
+        },
+        recommendation=(
+            "Each sample must be computed on its own: use LayerNorm/RMSNorm, not BatchNorm, "
+            "over token features; reshape with .view(B, L, H, D).transpose(1, 2) rather than "
+            "a view that crosses the batch dimension; keep the batch dimension first (or pass "
+            "batch_first=True to nn.MultiheadAttention / nn.TransformerEncoderLayer), or "
+            "transpose to (L, B, D) before a sequence-first module and back after it. tdiag "
+            "feeds token ids (B, L), batch first."
+        ),
+    )
+
+
+def _sequence_first(ctx: CheckContext, name: str | None) -> bool:
+    """True when module ``name`` (or the layer that owns it) has ``batch_first=False``."""
+    if not name:
+        return False
+    modules = dict(ctx.model.named_modules())
+    parent = name.rpartition(".")[0]
+    for n in (name, parent):
+        if n in modules and getattr(modules[n], "batch_first", None) is False:
+            return True
+        attn = getattr(modules.get(n), "self_attn", None)
+        if getattr(attn, "batch_first", None) is False:
+            return True
+    return False
 
 
 # -- padding.leak --------------------------------------------------------------------------------
