@@ -55,7 +55,11 @@ class TdiagCallback(TrainerCallback):
             k: v for k, v in args.to_dict().items() if isinstance(v, int | float | str | bool)
         }
         # accelerate wraps the optimizer; the Monitor hooks the torch optimizer inside it.
+        # Its GradScaler (fp16) gives the loss scale for the unscaled pre-clip norm; the clip
+        # threshold comes from the config's max_grad_norm. The LR is read in the optimizer's
+        # step pre-hook: the Trainer's scheduler steps before on_step_end.
         inner = getattr(optimizer, "optimizer", optimizer)
+        options.setdefault("scaler", getattr(optimizer, "scaler", None))
         self.monitor = Monitor(
             model, optimizer=inner, run_dir=run_dir, log_every=log_every, config=config, **options
         )

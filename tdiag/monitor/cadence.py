@@ -33,40 +33,51 @@ class StepCadence:
     - ``"record"``: an ordinary step;
     - ``"defer"``: record it, but write no log row yet (the pattern is still open);
     - ``"flush"``: decided: the calls are real steps; record it and write the deferred row;
-    - ``"regroup"``: decided: micro-batches of period :attr:`period`; record it, then re-count
-      the deferred calls as the optimizer steps :attr:`groups` and write the row;
+    - ``"regroup"``: decided: micro-batches of period :attr:`period`; re-count the deferred
+      calls as the optimizer steps :attr:`groups` and write the row (with
+      :attr:`placement` ``"before"`` this call opens the next step instead);
     - ``"fold"``: a micro-batch (after the decision): keep it for the optimizer step;
-    - ``"close"``: the micro-batch that ends an optimizer step: record the step.
+    - ``"close"``: the micro-batch that ends an optimizer step (``mon.step()`` after
+      ``optimizer.step()``): record the step with it;
+    - ``"close_prev"``: the first micro-batch after an optimizer step (``mon.step()`` before
+      ``optimizer.step()`` in the accumulation loop): record the kept calls as that step,
+      keep this one for the next.
+
+    Micro-batches are recognised from the first two optimizer steps: they come at calls
+    ``s1`` and ``s2 = s1 + k`` with ``k >= 2`` and ``s1 == k`` (``mon.step()`` after the
+    optimizer step) or ``s1 == k + 1`` (before it).
     """
 
     def __init__(self) -> None:
         self.mode = "probation"  # then "per-call" or "micro"
         self.period: int | None = None
+        self.placement: str | None = None  # "after" | "before" optimizer.step()
         self.groups: list[int] = []
-        self.logged = 0
-        """Calls of the first group already written as step 1's row (the Monitor sets it)."""
         self._calls = 0
-        self._since = 0
+        self._stepped_at: list[int] = []
 
     def observe(self, stepped: bool | None) -> str:
         """``stepped``: an optimizer step ran since the previous call (None: unknown)."""
         if self.mode == "per-call":
             return "record"
         if self.mode == "micro":
+            if self.placement == "before":
+                return "close_prev" if stepped else "fold"
             return "close" if stepped else "fold"
         self._calls += 1
-        self._since += 1
         if stepped is None:
             return self._decide_per_call()
         if stepped:
-            self.groups.append(self._since)
-            self._since = 0
-            if self.groups == [1]:
+            self._stepped_at.append(self._calls)
+            if self._stepped_at == [1]:
                 return self._decide_per_call()
-            if len(self.groups) >= 2:
-                a, b = self.groups[-2:]
-                if len(self.groups) == 2 and a == b >= 2:
-                    self.mode, self.period = "micro", a
+            if len(self._stepped_at) == 2:
+                s1, s2 = self._stepped_at
+                k = s2 - s1
+                if k >= 2 and s1 in (k, k + 1):
+                    self.mode, self.period = "micro", k
+                    self.placement = "after" if s1 == k else "before"
+                    self.groups = [k, k]
                     return "regroup"
                 return self._decide_per_call()
             return "defer"
@@ -76,20 +87,21 @@ class StepCadence:
 
     def reject(self) -> str:
         """Undo a ``"regroup"`` decision (the calls were skipped steps after all)."""
-        self.mode, self.period = "probation", None
+        self.mode, self.period, self.placement = "probation", None, None
         return self._decide_per_call()
 
     def _decide_per_call(self) -> str:
-        deferred = self._calls > 1 + self.logged
+        deferred = self._calls > 1
         self.mode = "per-call"
         self.groups = []
         return "flush" if deferred else "record"
 
     def state_dict(self) -> dict:
-        return {"mode": self.mode, "period": self.period}
+        return {"mode": self.mode, "period": self.period, "placement": self.placement}
 
     def load_state_dict(self, state: dict) -> None:
         mode = state.get("mode", "per-call")
         # A resumed run restarts mid-stream: no deferral, but keep a known micro period.
         self.mode = "micro" if mode == "micro" else "per-call"
         self.period = state.get("period")
+        self.placement = state.get("placement")

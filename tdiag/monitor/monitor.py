@@ -96,7 +96,6 @@ class Monitor(CallbackAliases):
         self._cadence = StepCadence()
         self._micro: list[tuple[Any, Any, float | None, float]] = []  # folded micro-batches
         self._probation_bwd: list[torch.Tensor] = []
-        self._first_bwd_finite = False
         self.recorder = FlightRecorder(self.options.flight_recorder)
         self._names = {id(p): n for n, p in model.named_parameters()}
         layers = self.options.watch == "layers"
@@ -251,20 +250,36 @@ class Monitor(CallbackAliases):
         now = time.perf_counter()
         stepped = None if self._opt_hook is None else self._opt_steps != self._opt_steps_seen
         verdict = self._cadence.observe(stepped)
+        if verdict == "regroup" and not self._micro_confirmed():
+            verdict = self._cadence.reject()  # inf/NaN gradients: a scaler's skips
         if data_time is None and self._forward_seen is not None:
             data_time = self._forward_seen - self._t_return
         self._forward_seen = None
-        step_time = now - self._t_return
-        if verdict == "fold":  # a micro-batch of the optimizer step to come (cadence.py)
-            self._micro.append((loss, tokens, data_time, step_time))
+        call = (loss, tokens, data_time, now - self._t_return)
+        if verdict in ("fold", "close_prev") and not (verdict == "close_prev" and self._micro):
+            self._micro.append(call)  # a micro-batch of an optimizer step (cadence.py)
             self._await_forward = True
             self._t_return = time.perf_counter()
             return
-        if verdict == "close" and self._micro:
-            loss, tokens, data_time, step_time = self._merge_micro(
-                loss, tokens, data_time, step_time
-            )
-        self._step += 1
+        if verdict == "close_prev":  # the kept calls were the step just taken
+            call, self._micro = self._merge_calls(self._micro), [call]
+        elif verdict == "close" and self._micro:
+            call, self._micro = self._merge_calls([*self._micro, call]), []
+        elif verdict == "regroup" and self._cadence.placement == "before":
+            self._micro = [call]  # opens the next step; the deferred calls are regrouped
+            call = None
+        self._record(call, grad_norm, stepped, verdict)
+        self._await_forward = True
+        self._t_return = time.perf_counter()
+
+    def _record(
+        self, call: tuple | None, grad_norm: Any, stepped: bool | None, verdict: str
+    ) -> None:
+        """Record one step (``call`` = loss, tokens, data time, step time; None: only
+        regroup what was recorded), then log and arm as the cadence says."""
+        if call is not None:
+            self._step += 1
+        loss, tokens, data_time, step_time = call if call is not None else (None,) * 4
         if self._step == 1 and self._prior_history:
             self._prior_history = False
             logger.warning(
@@ -275,18 +290,18 @@ class Monitor(CallbackAliases):
                 self.run_dir,
             )
         self._skipped = self._step_skipped()
-        # Step 1 is logged whatever the cadence; its host values tell a scaler's skip
-        # (inf/NaN gradients) from a first micro-batch (see _after_first_log).
-        first_open = verdict == "defer" and self._step == 1
         if verdict == "defer" and stepped is False and "bwd_sq" in self._probe.values:
             self._probation_bwd.append(self._probe.values["bwd_sq"])
-        if verdict == "regroup" and not self._micro_confirmed():
-            verdict = self._cadence.reject()
         try:
-            self._acc.add(
-                loss, tokens=tokens, grad_norm=grad_norm, data_time=data_time, skipped=self._skipped
-            )
-            self._acc.step_times.append(step_time)
+            if call is not None:
+                self._acc.add(
+                    loss,
+                    tokens=tokens,
+                    grad_norm=grad_norm,
+                    data_time=data_time,
+                    skipped=self._skipped,
+                )
+                self._acc.step_times.append(step_time)
         except Exception as exc:  # a monitoring failure never stops training
             logger.warning("tdiag: could not record step %d (%r)", self._step, exc)
         if verdict == "regroup":
@@ -297,34 +312,26 @@ class Monitor(CallbackAliases):
             self._strict_check(loss, grad_norm)
         if self._signals.signum is not None:
             self._on_signal()
-        elif verdict == "defer" and not first_open:
-            pass  # the next row waits until the step cadence is known
+        elif verdict == "defer":
+            pass  # the first row waits until the step cadence is known (cadence.py)
         elif (
-            first_open
-            or verdict in ("flush", "regroup")
+            verdict in ("flush", "regroup")
             or self._is_log_step(self._step)
             or self._acc.n >= self.options.log_every
         ):
-            metrics = guarded(self._log_step, f"logging step {self._step}")
-            if first_open:
-                self._after_first_log(metrics)
+            guarded(self._log_step, f"logging step {self._step}")
         if self._cadence.mode == "probation":
             if not self._probe.armed:
                 self._arm()  # keep measuring every optimizer step until decided
         elif self._is_log_step(self._step + 1):
             self._arm()
-        self._await_forward = True
-        self._t_return = time.perf_counter()
 
     # -- micro-batches (cadence.py) --------------------------------------------------------
-    def _merge_micro(
-        self, loss: Any, tokens: Any, data_time: float | None, step_time: float
-    ) -> tuple[Any, Any, float | None, float]:
-        """One optimizer step from the folded micro-batch calls and this one: the mean loss
-        (on the device), summed tokens, data and step times."""
-        calls = [*self._micro, (loss, tokens, data_time, step_time)]
-        self._micro = []
+    def _merge_calls(self, calls: list[tuple]) -> tuple[Any, Any, float | None, float]:
+        """One optimizer step from its micro-batch calls: the mean loss (on the device),
+        summed tokens, data and step times."""
         losses = [c[0] for c in calls if c[0] is not None]
+        loss: Any = None
         tensors = [v.detach().float().mean() for v in losses if isinstance(v, torch.Tensor)]
         if tensors and len(tensors) == len(losses):
             dev = tensors[0].device
@@ -332,24 +339,26 @@ class Monitor(CallbackAliases):
         elif losses:
             loss = math.fsum(float(v) for v in losses) / len(losses)
         toks = [c[1] for c in calls if c[1] is not None]
+        tokens: Any = None
         if any(isinstance(t, torch.Tensor) for t in toks):
             tokens = sum(t.detach().sum() if isinstance(t, torch.Tensor) else t for t in toks)
-        else:
-            tokens = sum(int(t) for t in toks) if toks else None
+        elif toks:
+            tokens = sum(int(t) for t in toks)
         dts = [c[2] for c in calls if c[2] is not None]
-        data_time = math.fsum(dts) if dts else None
-        return loss, tokens, data_time, math.fsum(c[3] for c in calls)
+        return loss, tokens, (math.fsum(dts) if dts else None), math.fsum(c[3] for c in calls)
 
-    def _after_first_log(self, metrics: Mapping[str, float] | None) -> None:
-        """Step 1 had no optimizer step. With inf/NaN (or no) gradients it was a skipped
-        step (GradScaler): decided, real steps. With finite ones it may be a micro-batch: the
-        cadence stays open, and the row just written counts as part of optimizer step 1."""
-        finite = self._first_bwd_finite
-        if not finite:
-            self._cadence.reject()
-            self._probe.rolling = False
-        else:
-            self._cadence.logged = 1
+    def _flush_micro(self) -> None:
+        """At close: the kept micro-batch calls of a ``"before"`` loop whose optimizer step
+        ran after the last ``step()`` are that last step."""
+        if (
+            self._micro
+            and self._cadence.placement == "before"
+            and self._opt_hook is not None
+            and self._opt_steps != self._opt_steps_seen
+        ):
+            call, self._micro = self._merge_calls(self._micro), []
+            self._record(call, None, True, "record")
+        self._micro = []
 
     def _micro_confirmed(self) -> bool:
         """Micro-batches, not a scaler's skips: no call without a step had inf/NaN gradients."""
@@ -362,8 +371,7 @@ class Monitor(CallbackAliases):
         )  # host sync (once)
 
     def _regroup(self) -> None:
-        groups = list(self._cadence.groups)
-        groups[0] -= self._cadence.logged  # step 1's row (a first micro-batch) is written
+        groups = self._cadence.groups
         self._acc.regroup(groups)
         self._step = len(groups)
         k = self._cadence.period
@@ -523,8 +531,6 @@ class Monitor(CallbackAliases):
         tokens = host["host/tokens"][0] + sum(host.get("acc/tokens", [0.0]))
         self.tokens_total += tokens
         metrics = self._probe.metrics(host, probed["names"], scale=probed["scale"])
-        bwd = host.get("probe/bwd_sq")
-        self._first_bwd_finite = bwd is not None and math.isfinite(bwd[0])
         if summary.skipped and summary.skipped[-1]:  # the probed step was skipped (GradScaler)
             metrics = {k: v for k, v in metrics.items() if not k.startswith(_PROBED_STEP_KEYS)}
         metrics.update(summarize_interval(summary, clip=self.clip, tokens=tokens, elapsed=elapsed))
@@ -618,6 +624,7 @@ class Monitor(CallbackAliases):
     def _finish(self, exc: BaseException | None) -> None:
         if self._closed:
             return
+        guarded(self._flush_micro, "recording the last micro-batches")
         self._closed = True
         if self._acc.n:
             guarded(lambda: self._log_step(final=True), "flushing the last interval")

@@ -188,6 +188,8 @@ class GradientProbe:
 
     def _after_backward(self) -> None:
         self._queued = False
+        if self._post_done and not self.rolling:
+            return  # the measured step is over: a later backward belongs to the next one
 
         def run() -> None:
             with_grad = [p for p in self._model_params if p.grad is not None]
@@ -262,7 +264,11 @@ class GradientProbe:
             params = [p for g in groups for p in g["params"]]
             # ``step(closure)`` (Lightning): the backward runs inside the step, after this
             # hook; the gradient the step uses is measured in the post-hook instead.
-            self._closure = bool(args) or kwargs.get("closure") is not None
+            # (``args`` holds the optimizer itself first: the hooks see ``step``'s self.)
+            closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+            self._closure = callable(closure)
+            for key in ("grad_sq", "grad_sq_per_tensor", "grad_scale"):  # a rolled-over step's
+                self.values.pop(key, None)
             if not self._closure:
                 self.measure_grads(params)
                 self._unscale_fused(optimizer)
@@ -280,6 +286,11 @@ class GradientProbe:
         self._post_done = True
 
         def run() -> None:
+            # The step's own end-of-backward gradient: a later backward (the next step's
+            # first micro-batch, before the loop calls mon.step()) must not replace it.
+            for key in ("bwd_sq", "bwd_sq_per_tensor"):
+                if key in self.values:
+                    self.values[f"step_{key}"] = self.values[key]
             if self._closure and "grad_sq" not in self.values and "grad_sq" not in self.values:
                 self.measure_grads([p for g in optimizer.param_groups for p in g["params"]])
                 self._unscale_fused(optimizer)
@@ -303,6 +314,9 @@ class GradientProbe:
     def add_to(self, batch: DeviceBatch) -> None:
         """Put the measured values into ``batch``: sums over ranks when sharded, else means."""
         reduce = "sum" if self.sharded else "mean"
+        for key in ("bwd_sq", "bwd_sq_per_tensor"):
+            if f"step_{key}" in self.values:
+                self.values[key] = self.values[f"step_{key}"]
         for key in (
             "bwd_sq",
             "bwd_sq_per_tensor",
