@@ -192,6 +192,7 @@ class TrainState:
     should_stop: bool = False
     data_time: float = 0.0  # seconds spent fetching this step's batches
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    scaler: torch.amp.GradScaler | None = None  # fp16's loss scaler (disabled otherwise)
 
 
 @dataclass
@@ -595,6 +596,7 @@ def train(
         world_size=world,
         lr=scheduler.get_last_lr()[0],
         device=device,
+        scaler=scaler,
     )
     val_history: list[tuple[int, float]] = []
     stopped_early = False
@@ -848,6 +850,7 @@ def attach_monitor(
         return Monitor(
             state.model,
             optimizer=state.optimizer,
+            scaler=state.scaler,
             run_dir=run_dir,
             log_every=cfg.log_every,
             total_steps=cfg.steps,
