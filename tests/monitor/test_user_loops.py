@@ -369,9 +369,7 @@ def test_strict_mode_raises_on_a_nan_float_loss(tiny_gpt, tmp_path):
         mon.step(math.nan)
 
 
-def test_without_optimizer_the_norm_comes_from_the_backward(
-    tiny_gpt, tmp_path, caplog
-):
+def test_without_optimizer_the_norm_comes_from_the_backward(tiny_gpt, tmp_path, caplog):
     def manual_sgd_loop(mon, zero_before_step):
         for step in range(1, 3):
             ids = make_batch(step)
