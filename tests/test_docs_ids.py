@@ -46,9 +46,15 @@ def _live_ids() -> list[str]:
     return sorted(set(re.findall(r'id="([a-z]+\.[a-z0-9-]+)"', text)))
 
 
-@pytest.mark.parametrize("source", ["check", "rule", "live"])
+def _loop_ids() -> list[str]:
+    from tdiag.monitor.loopchecks import LOOP_CHECKS
+
+    return list(LOOP_CHECKS)
+
+
+@pytest.mark.parametrize("source", ["check", "rule", "live", "loop"])
 def test_every_id_has_its_anchor(source: str) -> None:
-    ids = {"check": _check_ids, "rule": _rule_ids, "live": _live_ids}[source]()
+    ids = {"check": _check_ids, "rule": _rule_ids, "live": _live_ids, "loop": _loop_ids}[source]()
     assert ids
     anchors = _anchors()
     missing = [i for i in ids if i.replace(".", "-") not in anchors]

@@ -50,6 +50,9 @@ class MonitorConfig:
     """Peak FLOP/s of one device for MFU (default: tdiag's table, or measured on CPU)."""
     handle_signals: bool = True
     """Turn SIGTERM/SIGINT into a flag (``stop_requested``), flush, report, exit 143/130."""
+    ignore: Sequence[str] = ()
+    """Loop-check ids not to raise (e.g. ``["data.repeated-batch"]`` when overfitting one
+    batch on purpose); see docs/checks.md, "Loop checks"."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.log_every, int) or self.log_every < 1:
@@ -64,6 +67,15 @@ class MonitorConfig:
             raise ValueError(f"flight_recorder must be >= 0, got {self.flight_recorder!r}")
         if self.clip is not None and not self.clip > 0:
             raise ValueError(f"clip must be > 0, got {self.clip!r}")
+        if isinstance(self.ignore, str) or not all(isinstance(i, str) for i in self.ignore):
+            raise TypeError(f"ignore must be a list of Finding ids, got {self.ignore!r}")
+        from tdiag.monitor.loopchecks import LOOP_CHECKS
+
+        unknown = sorted(set(self.ignore) - set(LOOP_CHECKS))
+        if unknown:
+            raise ValueError(
+                f"ignore: unknown id(s) {unknown}; the loop checks are {sorted(LOOP_CHECKS)}"
+            )
         if self.wandb is not None and not isinstance(self.wandb, Mapping):
             raise TypeError(f"wandb must be a dict of wandb.init arguments, got {self.wandb!r}")
 

@@ -29,9 +29,11 @@ from tdiag.monitor.cadence import PROBATION_CALLS, StepCadence
 from tdiag.monitor.callbacks import CallbackAliases
 from tdiag.monitor.config import MonitorConfig, build_sinks, infer_clip
 from tdiag.monitor.distributed import gather_rows, rank_info, step_time_metrics
+from tdiag.monitor.loopchecks import LoopWatch
 from tdiag.monitor.metrics import (
     DeviceBatch,
     IntervalAccumulator,
+    is_sharded,
     learning_rates,
     summarize_interval,
 )
@@ -114,6 +116,7 @@ class Monitor(CallbackAliases):
         # saw none was skipped, e.g. by torch.amp.GradScaler after inf/NaN gradients.
         self._opt_steps = 0
         self._opt_steps_seen = 0
+        self._opt_steps_at_log = 0
         self._opt_hook = None
         self._found_inf: torch.Tensor | None = None
         if optimizer is not None and hasattr(optimizer, "register_step_post_hook"):
@@ -130,6 +133,16 @@ class Monitor(CallbackAliases):
         self._await_forward = False
         self._t_return = time.perf_counter()
         self._forward_seen: float | None = None
+        self._loop = LoopWatch(
+            model,
+            optimizer,
+            self._names,
+            clip=self.clip,
+            ignore=self.options.ignore,
+            distributed=self.rank.distributed,
+            sharded=any(is_sharded(p) for p in model.parameters()),
+        )
+        self._loop.fingerprint_next = True  # step 1's input, for step 2's comparison
         self._root_hook = model.register_forward_pre_hook(self._on_forward, with_kwargs=True)
         # Files are written by rank 0, into a run folder it can write (else: one warning,
         # console/extra sinks only; training goes on).
@@ -188,6 +201,11 @@ class Monitor(CallbackAliases):
             self._await_forward = False
         if not self._mfu.input_seen:
             guarded(lambda: self._mfu.observe_forward(module, args, kwargs), "reading the input")
+        try:
+            self._loop.on_forward(args, kwargs)
+        except Exception as exc:  # a monitoring failure never stops training
+            logger.warning("tdiag: loop checks disabled (%r)", exc)
+            self._loop.enabled = False
 
     def _count_opt_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         self._opt_steps += 1
@@ -214,6 +232,7 @@ class Monitor(CallbackAliases):
 
     def _arm(self) -> None:
         self._probe.arm()
+        self._loop.arm()
         if self._timer is not None:
             self._timer.arm()
         if self._watcher is not None:
@@ -304,6 +323,9 @@ class Monitor(CallbackAliases):
                 self._acc.step_times.append(step_time)
         except Exception as exc:  # a monitoring failure never stops training
             logger.warning("tdiag: could not record step %d (%r)", self._step, exc)
+        if call is not None:  # fingerprint the inputs of the two steps that end at a log step
+            nxt = self._is_log_step(self._step + 1) or self._is_log_step(self._step + 2)
+            self._loop.end_step(self._step, fingerprint_next=nxt)
         if verdict == "regroup":
             guarded(self._regroup, "counting micro-batches as optimizer steps")
         if verdict != "defer":
@@ -405,6 +427,8 @@ class Monitor(CallbackAliases):
         if not row:
             return
         at = self._step if step is None else int(step)
+        if step is None and self._micro and self._opt_steps != self._opt_steps_seen:
+            at += 1  # mon.step() before optimizer.step(): that step is recorded at the next call
         self.recorder.record(at, row)
         self.sinks.write(at, row)
 
@@ -472,6 +496,7 @@ class Monitor(CallbackAliases):
                 self._timer.disarm()
             if self._watcher is not None:
                 self._watcher.disarm()
+            self._loop.disarm()
         for i in range(n):
             self.recorder.record(first_step + i, alerts.step_row(summary, i))
         self.recorder.record(self._step, metrics)
@@ -479,7 +504,25 @@ class Monitor(CallbackAliases):
         self.last_metrics = metrics
         where = self._watcher.first_nonfinite_module(host, layout) if layout else None
         self._check_nonfinite(summary, metrics, first_step, where)
+        self._raise(
+            self._loop.check(
+                step=self._step,
+                host=host,
+                metrics=metrics,
+                steps_in_interval=n,
+                optimizer_steps=probed["opt_steps"],
+                probed_skipped=bool(summary.skipped and summary.skipped[-1]),
+                update_names=probed["update_names"],
+                update_groups=probed["update_groups"],
+            )
+        )
         return metrics
+
+    def _raise(self, findings: list[Any]) -> None:
+        """Live Findings of the loop checks (loopchecks.py): to the sinks and the console."""
+        for f in findings:
+            self.findings.append(f)
+            self.sinks.event(f)
 
     def _gather(self, n: int, collective: bool) -> tuple[dict[str, Any], Any, dict, float, dict]:
         batch = DeviceBatch()
@@ -494,6 +537,7 @@ class Monitor(CallbackAliases):
             if not self._probe.done and self.optimizer is None and not self._acc.has_grad_norms:
                 self._warn_no_grads()
         self._probe.add_to(batch)
+        self._loop.add_to(batch, self._step)
         layout = self._watcher.add_to(batch) if self._watcher and self._watcher.armed else None
         local_elapsed = time.perf_counter() - self._t_prev_log
         batch.add("host/step_time", local_elapsed / n, "all")
@@ -520,7 +564,13 @@ class Monitor(CallbackAliases):
             "names": self._probe.tensor_names,
             "scale": self._probe.scale,
             "lr": guarded(self._probe.lr_metrics, "reading the LR"),
+            "update_names": self._probe.update_names,
+            "update_groups": self._probe.update_groups,
+            "opt_steps": None
+            if self._opt_hook is None
+            else self._opt_steps - self._opt_steps_at_log,
         }
+        self._opt_steps_at_log = self._opt_steps
         self._probe.disarm()
         self._probe.reset()
         return host, layout, mem, elapsed, probed

@@ -128,6 +128,8 @@ class GradientProbe:
         self.scale: float | None = None
         self.backwards = 0  # backward passes seen while armed
         self.sharded = False
+        self.update_names: list[str] = []  # names / param groups of ``values["stuck"]``
+        self.update_groups: list[int] = []
         self._before: list[torch.Tensor] | None = None
         self._params: list[torch.Tensor] = []
         self._queued = False
@@ -291,7 +293,7 @@ class GradientProbe:
             for key in ("bwd_sq", "bwd_sq_per_tensor"):
                 if key in self.values:
                     self.values[f"step_{key}"] = self.values[key]
-            if self._closure and "grad_sq" not in self.values and "grad_sq" not in self.values:
+            if self._closure and "grad_sq" not in self.values:
                 self.measure_grads([p for g in optimizer.param_groups for p in g["params"]])
                 self._unscale_fused(optimizer)
             before = self._before
@@ -301,8 +303,21 @@ class GradientProbe:
                 pairs = [(p, b) for p, b in zip(self._params, before, strict=True)]
                 after = [to_local(p).detach() for p, _ in pairs]
                 diff = torch._foreach_sub(after, [b for _, b in pairs])
-                self.values["update_sq"] = per_tensor_sq_norms(diff).sum()
+                update_sq = per_tensor_sq_norms(diff)
+                self.values["update_sq"] = update_sq.sum()
                 self.values["param_sq"] = per_tensor_sq_norms(before).sum()
+                # Not updated although the step had a gradient for it (loop.params-not-updated)
+                grads = [
+                    to_local(p.grad).detach() if p.grad is not None else torch.zeros_like(b[:1])
+                    for p, b in pairs
+                ]
+                gsq = per_tensor_sq_norms(grads)
+                self.values["stuck"] = ((gsq > 0) & (update_sq == 0)).float()
+                self.update_names = [self._names.get(id(p), "?") for p, _ in pairs]
+                group_of = {
+                    id(q): i for i, g in enumerate(optimizer.param_groups) for q in g["params"]
+                }
+                self.update_groups = [group_of.get(id(p), 0) for p, _ in pairs]
             self._before = None
             self._params = []
 
@@ -324,6 +339,7 @@ class GradientProbe:
             "grad_sq_per_tensor",
             "update_sq",
             "param_sq",
+            "stuck",
         ):
             if key in self.values:
                 batch.add(f"probe/{key}", self.values[key], reduce)

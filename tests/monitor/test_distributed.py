@@ -37,6 +37,7 @@ def _worker(rank: int, port: int, out: str) -> None:
             **_plain_phase(rank, Path(out)),
             **_ddp_phase(rank, Path(out)),
             **_fsdp_phase(rank, Path(out)),
+            **_desync_phase(rank, Path(out)),
         }
         Path(out, f"rank{rank}.json").write_text(json.dumps(result))
         # Rank 0 hosts the TCP store: leaving before rank 1 is done with it aborts rank 1
@@ -89,7 +90,37 @@ def _ddp_phase(rank: int, out: Path) -> dict:
         opt.zero_grad()
         mon.step(torch.tensor(1.0 + rank), tokens=ids.numel())
     mon.close()
-    return {"ddp_naive_norm": naive[-1], "ddp_metrics": mon.last_metrics}
+    return {
+        "ddp_naive_norm": naive[-1],
+        "ddp_metrics": mon.last_metrics,
+        "ddp_findings": [f.id for f in mon.findings],
+    }
+
+
+def _desync_phase(rank: int, out: Path) -> dict:
+    """DDP, but rank 1 changes a weight outside the optimizer after step 5 (an EMA or a
+    re-initialisation on one rank): the replicas differ from then on."""
+    torch.manual_seed(0)
+    model = torch.nn.parallel.DistributedDataParallel(TinyGPT())
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    mon = Monitor(model, opt, **quiet_options(out / f"desync{rank}", log_every=4))
+    for step in range(1, 9):
+        ids = make_batch(step * 10 + rank)
+        lm_loss(model(ids), ids).backward()
+        opt.step()
+        opt.zero_grad()
+        if rank == 1 and step == 5:
+            with torch.no_grad():
+                model.module.lm_head.weight.mul_(0.999)
+        mon.step(torch.tensor(1.0), tokens=ids.numel())
+    mon.close()
+    found = [f for f in mon.findings if f.id == "dist.weights-desync"]
+    return {
+        "desync_findings": [f.id for f in mon.findings],
+        "desync_where": found[0].where if found else None,
+        "desync_step": found[0].step if found else None,
+        "desync_rank": found[0].evidence["rank"] if found else None,
+    }
 
 
 def _fsdp_phase(rank: int, out: Path) -> dict:
@@ -141,6 +172,11 @@ def test_two_ranks_gloo(tmp_path):
     assert d0["train/grad_norm"] == pytest.approx(r0["ddp_naive_norm"], rel=1e-4)
     assert d0["train/grad_norm"] == pytest.approx(d1["train/grad_norm"], rel=1e-6)
     assert d0["train/loss"] == 1.5  # mean over ranks of 1.0 and 2.0
+    # replicas in sync: no dist.weights-desync (nor any loop finding); out of sync: named
+    assert r0["ddp_findings"] == r1["ddp_findings"] == []
+    assert r0["desync_findings"] == r1["desync_findings"] == ["dist.weights-desync"]
+    assert r0["desync_where"] == "module.lm_head.weight"
+    assert r0["desync_step"] == 8 and r0["desync_rank"] == 1
     # FSDP2: computed across shards, equal to the norm of the full gradient
     f0, f1 = r0["fsdp_metrics"], r1["fsdp_metrics"]
     assert f0["train/grad_norm"] == pytest.approx(r0["fsdp_naive_norm"], rel=1e-5)
