@@ -68,10 +68,10 @@ class TdiagLightningCallback(Callback):
         options.update(self.monitor_options)
         hparams = dict(getattr(pl_module, "hparams", {}) or {})
         clip = getattr(trainer, "gradient_clip_val", None)
-        if isinstance(clip, int | float) and not isinstance(clip, bool) and clip > 0:
-            if getattr(trainer, "gradient_clip_algorithm", "norm") in (None, "norm"):
-                hparams.setdefault("gradient_clip_val", float(clip))
-                options.setdefault("clip", float(clip))
+        by_norm = getattr(trainer, "gradient_clip_algorithm", "norm") in (None, "norm")
+        if isinstance(clip, int | float) and not isinstance(clip, bool) and clip > 0 and by_norm:
+            hparams.setdefault("gradient_clip_val", float(clip))
+            options.setdefault("clip", float(clip))
         precision = getattr(trainer, "precision_plugin", None)
         options.setdefault("scaler", getattr(precision, "scaler", None))  # fp16 GradScaler
         self.monitor = Monitor(

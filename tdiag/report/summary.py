@@ -148,6 +148,24 @@ def _tokens(df: pd.DataFrame, steps: int) -> tuple[float | None, bool]:
     return float(per_step.mean()) * steps, True
 
 
+def _step_count(df: pd.DataFrame, steps: np.ndarray) -> int:
+    """Optimizer steps done, from the rows of training metrics (``train/*``).
+
+    Logged steps count optimizer steps done (1-based); a 0-based logger starts at 0. Only
+    training rows say which: a ``mon.log()`` before the first ``step()`` (a val loss at step
+    0, as nanoGPT evaluates at iteration 0) is not a training step. Without any ``train/*``
+    metric every row counts.
+    """
+    rows = logged_mask(df, "train/loss")  # a NaN loss is a step too
+    for name in (c for c in df.columns if c.startswith("train/")):  # columns, not rows
+        col = numeric_column(df, name)
+        if col is not None:
+            rows |= ~np.isnan(col.to_numpy())
+    train_steps = steps[rows] if rows.any() else steps
+    first, last = int(train_steps.min()), int(train_steps.max())
+    return last + 1 if first == 0 else last
+
+
 def summarize(df: pd.DataFrame, meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Headline numbers of a run.
 
@@ -157,7 +175,9 @@ def summarize(df: pd.DataFrame, meta: Mapping[str, Any] | None = None) -> dict[s
 
     Returns:
         A dict with every key of :data:`SUMMARY_KEYS`; values are floats/ints or None.
-        ``steps`` counts optimizer steps done (the last step, +1 when steps start at 0), ``wall_time_s`` spans
+        ``steps`` counts optimizer steps done (the last training step, +1 when training steps
+        start at 0; rows without ``train/*`` metrics, such as a val loss logged before the
+        first step, do not count), ``wall_time_s`` spans
         the first to the last logged ``time``; losses are per-token means as logged.
     """
     del meta  # reserved: the summary reads the history only
@@ -169,8 +189,7 @@ def summarize(df: pd.DataFrame, meta: Mapping[str, Any] | None = None) -> dict[s
         return out
     first, last = int(steps.min()), int(steps.max())
     out["first_step"], out["last_step"] = first, last
-    # Logged steps count optimizer steps done (1-based); a 0-based logger starts at 0.
-    out["steps"] = last + 1 if first == 0 else last
+    out["steps"] = _step_count(df, steps)
     times = _finite(numeric_column(df, "time"))
     if times is not None and len(times) > 1:
         out["wall_time_s"] = float(times.max() - times.min())

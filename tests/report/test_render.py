@@ -79,6 +79,16 @@ def test_summary_matches_a_naive_computation():
     assert s2["tokens"] == 400 * 512 and s2["tokens_estimated"] is False
 
 
+def test_summary_steps_ignore_a_log_row_before_the_first_step():
+    # mon.log({"val/loss": v}) before the first mon.step() (nanoGPT evaluates at iteration 0)
+    train = pd.DataFrame({"step": np.arange(1, 302), "train/loss": np.linspace(5, 3, 301)})
+    val = pd.DataFrame({"step": [0, 100, 200, 301], "val/loss": [5.5, 4.0, 3.5, 3.2]})
+    s = summarize(pd.concat([val.iloc[:1], train, val.iloc[1:]], ignore_index=True))
+    assert s["steps"] == 301 and s["first_step"] == 0 and s["last_step"] == 301
+    zero_based = pd.DataFrame({"step": [0, 1, 2], "train/loss": [3.0, 2.0, float("nan")]})
+    assert summarize(zero_based)["steps"] == 3  # a NaN loss row is a step too
+
+
 def test_summary_of_a_sparse_history_has_nones():
     df = pd.DataFrame({"step": [0, 1, 2], "sys/rss_gb": [1.0, 2.0, 1.5]})
     s = summarize(df)

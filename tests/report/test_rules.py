@@ -19,8 +19,11 @@ import pytest
 
 from tdiag.findings import Finding, Severity
 from tdiag.history import read_events, read_history
+from tdiag.report import analyses as an
 from tdiag.report.rules import RULES, RuleResult, RuleSpec, SkipRule, evaluate, rank_findings
+from tdiag.report.rules import lr as lr_rules
 from tdiag.report.rules.registry import register_rule
+from tdiag.report.summary import summarize
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -35,6 +38,7 @@ REQUIRED = {
     "train.clipping-frequent",
     "train.overfitting",
     "train.early-stop",
+    "train.skipped-steps",
     "perf.gpu-underutilized",
     "perf.data-stall",
     "perf.throughput-degradation",
@@ -56,6 +60,7 @@ CASES = {
     "train.clipping-frequent": ("clip_small", Severity.WARNING, "healthy"),
     "train.overfitting": ("overfit", Severity.WARNING, "healthy"),
     "train.early-stop": ("overfit", Severity.INFO, "healthy"),
+    "train.skipped-steps": ("skipped_scaler", Severity.WARNING, "scaler_healthy"),
     "perf.gpu-underutilized": (
         "synthetic_gpu_underutilized",
         Severity.WARNING,
@@ -69,7 +74,40 @@ CASES = {
     "dist.straggler": ("dist_straggler", Severity.WARNING, "dist_healthy"),
 }
 
-HEALTHY = ("healthy", "synthetic_gpu_healthy", "dist_healthy")
+HEALTHY = (
+    "healthy",
+    "synthetic_gpu_healthy",
+    "dist_healthy",
+    "nano_healthy",
+    "nano_healthy_cosine",
+    "scaler_healthy",
+)
+
+# More real runs per rule (issue 8: a report that reads blow-ups right): the pathology at
+# several LRs, and what each rule must NOT say about it.
+MORE_POSITIVES = [
+    ("train.divergence", "lr_blowup", Severity.ERROR),
+    ("train.lr-too-high", "lr_blowup", Severity.WARNING),
+    ("train.lr-too-high", "lr_stuck", Severity.WARNING),
+    ("train.lr-too-high", "lr_never_ending_warmup", Severity.WARNING),
+    ("train.divergence", "lr_never_ending_warmup", Severity.ERROR),
+    ("train.lr-too-low", "lr_zero_short", Severity.WARNING),
+    ("train.plateau", "lr_decayed_early", Severity.INFO),
+    ("train.skipped-steps", "skipped_microbatch", Severity.WARNING),
+]
+MORE_NEGATIVES = [
+    ("train.overfitting", "lr_blowup"),  # val stayed below train throughout
+    ("train.early-stop", "lr_blowup"),  # the best val is the untrained model's, at step 0
+    ("train.early-stop", "lr_never_ending_warmup"),  # ... or at the first evaluation
+    ("train.plateau", "lr_never_ending_warmup"),  # flat, then a blow-up: a divergence
+    ("train.divergence", "lr_stuck"),
+    ("train.overfitting", "lr_stuck"),
+    ("train.lr-too-high", "lr_decayed_early"),
+    ("train.lr-too-low", "lr_decayed_early"),
+    ("train.skipped-steps", "lr_blowup"),
+    *[(rule, healthy) for rule in sorted(CASES) if rule.startswith("train.") for healthy in (
+        "nano_healthy", "nano_healthy_cosine")],
+]  # fmt: skip
 
 
 def load(name: str) -> tuple[pd.DataFrame, dict, list]:
@@ -129,6 +167,23 @@ def test_rule_silent_without_the_pathology(rule_id):
     assert by_id(res, rule_id) == []
 
 
+@pytest.mark.parametrize(("rule_id", "positive", "severity"), MORE_POSITIVES)
+def test_rule_fires_on_more_runs(rule_id, positive, severity):
+    found = by_id(result(positive), rule_id)
+    assert found, f"{rule_id} silent on {positive}: {[f.id for f in result(positive).findings]}"
+    assert found[0].severity is severity
+    assert 0.0 <= found[0].evidence["impact"] <= 1.0
+    json.dumps(found[0].to_dict(), allow_nan=False)
+
+
+@pytest.mark.parametrize(("rule_id", "negative"), MORE_NEGATIVES)
+def test_rule_silent_on_more_runs(rule_id, negative):
+    res = result(negative)
+    skipped = {s["id"]: s["reason"] for s in res.skipped}
+    assert rule_id not in skipped, f"the negative case must run the rule: {skipped.get(rule_id)}"
+    assert [f.message for f in by_id(res, rule_id)] == []
+
+
 @pytest.mark.parametrize("name", HEALTHY)
 def test_healthy_runs_have_no_warning(name):
     res = result(name)
@@ -162,6 +217,81 @@ def test_lr_too_high_sees_no_warmup():
     (f,) = by_id(result("lr_too_high"), "train.lr-too-high")
     assert f.evidence["warmup"] is False
     assert f.step <= 20
+
+
+def test_blowup_at_lr_1_reads_as_divergence_from_the_start():
+    res = result("lr_blowup")  # loss 5.5 -> 60 within 10 steps, never back below 5.5
+    (div,) = by_id(res, "train.divergence")
+    assert div.evidence["kind"] == "above_initial"
+    assert div.step <= 10 and div.evidence["initial_step"] == 1
+    assert div.evidence["final_smoothed_loss"] > div.evidence["initial_loss"] + 0.3
+    (lr,) = by_id(res, "train.lr-too-high")
+    assert lr.step <= 10 and lr.evidence["warmup"] is False
+    signs = " | ".join(lr.evidence["signs"])
+    assert "divergence" in signs and "early" in signs and "update/weight ratio" in signs
+    assert lr.evidence["final_over_initial"] > 1
+    assert div.evidence["explained_by"] == "train.lr-too-high"
+    # the clip is not the problem: the clipping finding is explained by the LR, ranked after it
+    (clip,) = by_id(res, "train.clipping-frequent")
+    assert clip.evidence["explained_by"] == "train.lr-too-high"
+    ids = [f.id for f in res.findings]
+    assert ids.index("train.lr-too-high") < ids.index("train.clipping-frequent")
+
+
+def test_stuck_lr_is_named_by_its_update_ratio():
+    # LR 0.1, no warmup: the loss never rises above its start, it just stays high
+    (f,) = by_id(result("lr_stuck"), "train.lr-too-high")
+    assert (
+        f.evidence["signs"] == [f.evidence["signs"][0]]
+        and "update/weight" in f.evidence["signs"][0]
+    )
+    assert f.evidence["update_ratio_median"] > f.evidence["update_ratio_threshold"]
+    # the same loop at a healthy LR takes steps well below the threshold
+    df, _, _ = load("nano_healthy")
+    healthy = an.steady_part(an.metric(df, "train/update_ratio")).median()
+    assert healthy < f.evidence["update_ratio_threshold"] / 2
+
+
+def test_an_lr_rising_for_the_whole_run_is_not_a_warmup():
+    (f,) = by_id(result("lr_never_ending_warmup"), "train.lr-too-high")
+    assert f.evidence["lr_rising_whole_run"] is True and f.evidence["warmup"] is False
+    # the onset LR is below half the final (peak) LR: read as a warmup, it would be excused
+    assert f.evidence["lr_at_onset"] < 0.5 * f.evidence["peak_lr"]
+    assert "warmup never ended" in f.recommendation
+
+
+def test_zero_lr_is_named_on_a_short_run():
+    res = result("lr_zero_short")  # 9 loss points: too few for the loss-shape rules
+    assert {"train.plateau", "train.divergence"} <= {s["id"] for s in res.skipped}
+    (f,) = by_id(res, "train.lr-too-low")
+    assert f.step == 10 and f.evidence["first_zero_step"] == 10  # min_lr 0 from iteration 9
+    assert f.evidence["zero_lr_frac"] > 0.5 and f.evidence["step_range"] == [10, 40]
+
+
+def test_plateau_is_dated_from_where_it_began():
+    (f,) = by_id(result("lr_decayed_early"), "train.plateau")
+    # the LR reached its floor at step 41; the strict 1 % test alone finds step 140
+    assert f.step <= 50 < f.evidence["flat_from_step"]
+    assert f.evidence["lr_annealed"] is True  # a decayed LR: convergence, info
+
+
+def test_skipped_steps_tell_a_scaler_from_micro_batches():
+    (sc,) = by_id(result("skipped_scaler"), "train.skipped-steps")
+    assert sc.evidence["micro_batch_period"] is None and sc.evidence["skipped_frac"] > 0.5
+    assert "GradScaler" in sc.recommendation
+    (mb,) = by_id(result("skipped_microbatch"), "train.skipped-steps")
+    assert mb.evidence["micro_batch_period"] == 4
+    assert mb.evidence["skipped_frac"] == pytest.approx(0.75, abs=0.01)
+    assert mb.evidence["steps_counted"] == 404 and "~100 optimizer steps" in mb.message
+    assert "once per optimizer step" in mb.recommendation
+
+
+def test_summary_counts_training_steps_not_a_val_row_at_step_0():
+    for name, steps in (("lr_blowup", 150), ("nano_healthy", 300), ("healthy", 300)):
+        df, meta, _ = load(name)
+        s = summarize(df, meta)
+        assert s["steps"] == steps, name
+    assert summarize(load("lr_blowup")[0])["first_step"] == 0  # the val row is still a row
 
 
 def test_spikes_found_at_the_corrupted_shards():
@@ -218,6 +348,87 @@ def test_near_capacity_reads_a_total_column_when_meta_lacks_it():
     assert f.evidence["capacity_source"] == "sys/gpu_mem_total_gb"
     res = evaluate(df.drop(columns="sys/gpu_mem_total_gb"), {}, only=["mem.near-capacity"])
     assert res.findings == [] and "capacity unknown" in res.skipped[0]["reason"]
+
+
+def test_overfitting_never_fires_while_val_is_below_train():
+    # val best at step 400 and then worse by far more than the thresholds, train falling:
+    # the old test fired; but val stays below train, so nothing is memorised
+    n = 100
+    train = pd.DataFrame({"step": np.arange(n) * 10, "train/loss": np.linspace(5, 3, n)})
+    steps = np.arange(0, 1000, 100)
+    below = [4.5, 4.0, 3.5, 3.0, 2.8, 2.85, 2.9, 2.95, 2.98, 2.99]
+    val = pd.DataFrame({"step": steps, "val/loss": below})
+    df = pd.concat([train, val], ignore_index=True)
+    assert evaluate(df, {}, only=["train.overfitting"]).findings == []
+    above = [*below[:5], 3.0, 3.1, 3.2, 3.3, 3.4]  # control: ends 0.4 above train
+    df = pd.concat([train, val.assign(**{"val/loss": above})], ignore_index=True)
+    (f,) = evaluate(df, {}, only=["train.overfitting"]).findings
+    assert f.step == 400 and f.evidence["gap_last"] > 0
+
+
+def test_early_stop_never_points_at_the_first_evaluation():
+    train = _df(100, **{"train/loss": np.linspace(5, 3, 100)})
+    for first_step in (0, 100):  # an evaluation before training, or the first one after it
+        steps = np.arange(first_step, 1000, 100)
+        vals = np.linspace(3.0, 3.5, len(steps))  # never better than the first evaluation
+        df = pd.concat([train, pd.DataFrame({"step": steps, "val/loss": vals})])
+        assert evaluate(df, {}, only=["train.early-stop"]).findings == []
+    vals[1] = 2.9  # control: best at the second evaluation
+    df = pd.concat([train, pd.DataFrame({"step": steps, "val/loss": vals})])
+    (f,) = evaluate(df, {}, only=["train.early-stop"]).findings
+    assert f.step == 200
+
+
+def test_early_raw_rise_counts_though_smoothing_hides_it():
+    # no warmup: the loss jumps on the 2nd and 3rd logged points, then falls as usual
+    loss = np.concatenate([[5.5, 9.0, 7.5], np.linspace(5.2, 3.0, 57)])
+    df = _df(60, **{"train/loss": loss, "train/lr": np.full(60, 1e-2)})
+    assert an.robust_smooth(an.metric(df, "train/loss")).iloc[0] > 5.5 * 1.05  # starts high
+    (f,) = evaluate(df, {}, only=["train.lr-too-high"]).findings
+    assert f.step == 10 and any("early" in s for s in f.evidence["signs"])
+    calm = df.assign(**{"train/loss": np.linspace(5.5, 3.0, 60)})
+    assert evaluate(calm, {}, only=["train.lr-too-high"]).findings == []
+
+
+def test_lr_rising_all_run_without_instability_is_not_blamed():
+    df = _df(
+        60, **{"train/loss": np.linspace(5.5, 3.0, 60), "train/lr": np.linspace(1e-5, 1e-3, 60)}
+    )
+    assert lr_rules.lr_shape(an.metric(df, "train/lr"))["rising_whole_run"] is True
+    assert evaluate(df, {}, only=["train.lr-too-high"]).findings == []
+
+
+def test_zero_lr_at_the_ends_of_a_schedule_is_not_named():
+    # HF-style linear warmup from 0 and decay to 0: the first and last LR are exactly 0
+    lr = np.concatenate([[0.0], np.full(6, 1e-3), [0.0]])
+    df = _df(8, **{"train/loss": np.linspace(4, 3, 8), "train/lr": lr})
+    res = evaluate(df, {}, only=["train.lr-too-low"])
+    assert res.findings == [] and res.skipped  # no zero LR; too few points for the rest
+    lr[3:] = 0.0  # control: 0 from the 4th point on
+    (f,) = evaluate(df.assign(**{"train/lr": lr}), {}, only=["train.lr-too-low"]).findings
+    assert f.step == 30 and f.title == "Learning rate is 0"
+
+
+def _skips(counts, every=10):
+    steps = np.arange(1, len(counts) + 1) * every
+    return pd.DataFrame({"step": steps, "train/skipped_steps": np.asarray(counts, float)})
+
+
+def test_skipped_steps_thresholds_on_hand_built_histories():
+    def run(df):
+        return evaluate(df, {}, only=["train.skipped-steps"]).findings
+
+    calibrating = [10, 4] + [0] * 98  # a scaler finding its scale, then one skip per 200 steps
+    calibrating[20::20] = [1] * 4
+    assert run(_skips(calibrating)) == []
+    (f,) = run(_skips([3] * 100))  # 30 % skipped, irregular-free but not (k-1)/k
+    assert f.severity is Severity.WARNING and f.evidence["micro_batch_period"] is None
+    (f,) = run(_skips([0, 1] * 50))  # 5 %: info
+    assert f.severity is Severity.INFO
+    (f,) = run(_skips([7, 8] * 50))  # mon.step() per micro-batch, 4 per optimizer step
+    assert f.evidence["micro_batch_period"] == 4 and f.evidence["steps_counted"] == 1000
+    resumed = _skips([0] * 50).assign(step=lambda d: d["step"] + 5000)
+    assert run(resumed) == []
 
 
 def test_skip_reasons_name_the_missing_metric():
@@ -333,7 +544,7 @@ def test_no_rule_crashes_on_random_sparse_histories():
     names = sorted(
         {
             "train/loss", "train/lr", "train/grad_norm", "train/grad_clip_frac",
-            "train/update_ratio", "val/loss", "perf/step_time", "perf/tokens_per_sec",
+            "train/update_ratio", "train/skipped_steps", "val/loss", "perf/step_time", "perf/tokens_per_sec",
             "perf/mfu", "perf/data_time", "sys/gpu_util", "sys/gpu_mem_peak_gb",
             "sys/gpu_mem_allocated_gb", "sys/rss_gb", "dist/step_time_max",
             "dist/step_time_min", "dist/slowest_rank",

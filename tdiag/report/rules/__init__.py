@@ -1,7 +1,7 @@
 """Report rules: turn a run's history into ranked Findings.
 
 ``evaluate(df, meta, events)`` runs every registered rule (one family per module:
-``training``, ``validation``, ``optim``, ``perf``, ``memory``,
+``training``, ``validation``, ``lr``, ``optim``, ``steps``, ``perf``, ``memory``,
 ``dist``) and returns a :class:`RuleResult`
 with the findings (worst first: severity, then ``evidence["impact"]``, a cause before the
 symptom it explains (:mod:`tdiag.report.rules.explains`)), the analyses behind
@@ -21,10 +21,13 @@ import pandas as pd
 from tdiag.findings import Finding
 from tdiag.report import analyses as an
 from tdiag.report.rules import (  # noqa: F401  (importing registers the rules)
+    _loss,
     dist,
+    lr,
     memory,
     optim,
     perf,
+    steps,
     training,
     validation,
 )
@@ -171,6 +174,14 @@ def _series_summary(s: pd.Series) -> dict[str, Any]:
     }
 
 
+def _plateau_steps(sm: pd.Series) -> dict[str, int | None]:
+    """Where the smoothed loss stopped improving by 1 % (``plateau_flat_from_step``) and where
+    that flat stretch began (``plateau_start_step``), as ``train.plateau`` dates it."""
+    flat_from = an.plateau_start(sm, rel_tol=training.PLATEAU_REL_TOL, smooth=False)
+    began = training.plateau_began(sm, flat_from) if flat_from is not None else None
+    return {"plateau_start_step": began, "plateau_flat_from_step": flat_from}
+
+
 def summarize_analyses(df: pd.DataFrame) -> dict[str, Any]:
     """The analyses behind the rules, as small JSON-able numbers (no per-row arrays)."""
     out: dict[str, Any] = {}
@@ -178,13 +189,13 @@ def summarize_analyses(df: pd.DataFrame) -> dict[str, Any]:
     if len(loss) >= 3:
         w = an.auto_window(len(loss))
         _, sm = (
-            training.loss_smoothed(df)
-            if len(loss) >= training.MIN_LOSS_POINTS
+            _loss.loss_smoothed(df)
+            if len(loss) >= _loss.MIN_LOSS_POINTS
             else (loss, an.robust_smooth(loss))
         )
         half = loss[loss.index >= loss.index[0] + 0.5 * (loss.index[-1] - loss.index[0])]
         fit = an.log_linear_fit(half)
-        sp = training.loss_spikes(df)
+        sp = _loss.loss_spikes(df)
         out["loss"] = {
             **_series_summary(loss),
             "smoothing": {"method": "centered rolling median + EMA", "window_points": w},
@@ -197,9 +208,7 @@ def summarize_analyses(df: pd.DataFrame) -> dict[str, Any]:
             "change_points": [
                 c.to_dict() for c in an.change_points(sm.iloc[:: max(1, len(sm) // 5000)])
             ],
-            "plateau_start_step": an.plateau_start(
-                sm, rel_tol=training.PLATEAU_REL_TOL, smooth=False
-            ),
+            **_plateau_steps(sm),
         }
         lr = an.metric(df, LR)
         if len(lr) >= 3:

@@ -89,6 +89,13 @@ EXPLAINS: tuple[Explains, ...] = (
         _not_before,
     ),
     Explains(
+        "train.lr-too-high",
+        "train.clipping-frequent",
+        "clipping that starts at or after the LR-driven instability: the norm is large because "
+        "the steps are (raising the clip, the clipping rule's first advice, would make it worse)",
+        _not_before,
+    ),
+    Explains(
         "train.nonfinite-loss",
         "train.divergence",
         "only a divergence from the first non-finite step on: the NaN/Inf update damaged the "

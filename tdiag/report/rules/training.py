@@ -1,5 +1,6 @@
 """Rules on the training loss curve: non-finite loss, divergence, spikes, plateau.
-Thresholds are named constants; each says why it has its value."""
+Thresholds are named constants; each says why it has its value (those shared with the LR
+rules, and the reading of the loss curve, are in :mod:`tdiag.report.rules._loss`)."""
 
 from __future__ import annotations
 
@@ -14,32 +15,28 @@ from tdiag.report.rules._common import (
     LR,
     clamp01,
     loss_nonfinite_steps,
-    memo,
     r,
-    require,
     steps_list,
     value_at,
 )
+from tdiag.report.rules._loss import (
+    SPIKE_WARN_COUNT,
+    SPIKE_WARN_RATIO,
+    find_divergence,
+    loss_smoothed,
+    loss_spikes,
+    margin,
+)
 from tdiag.report.rules.registry import SkipRule, register_rule
 
-# Divergence: the smoothed loss climbs above its best-so-far by this much and stays there to
-# the end. 0.3 nats is ~35 % more perplexity, far outside batch noise once smoothed; the
-# relative term scales it for losses that are not in nats-of-a-big-vocabulary. Judgement.
-DIVERGENCE_ABS = 0.3
-DIVERGENCE_REL = 0.2
-# ...for at least this many logged points (one bad window is a spike, not a divergence).
-DIVERGENCE_MIN_POINTS = 3
-# Spikes: robust z against the trailing median/MAD of this many points, and a relative
-# floor so that a very smooth curve (tiny MAD) does not flag ordinary noise. Judgement,
-# checked on healthy reference runs (no spike found).
-SPIKE_WINDOW = 21
-SPIKE_Z = 6.0
-SPIKE_REL = 0.25
-# One isolated spike is an info; this many, or one that doubles the loss, is a warning.
-SPIKE_WARN_COUNT = 2
-SPIKE_WARN_RATIO = 2.0
 # Plateau: "no improvement" means the smoothed loss never again drops by more than 1 %.
 PLATEAU_REL_TOL = 0.01
+# That test finds the last point that a later (noisy) low undercuts by 1 %, which in a loss
+# that bounces at one level is late in the run. The plateau is dated from where the loss
+# entered the band it then stayed in: the first step from which the smoothed loss never
+# again rose above the plateau's own highest smoothed value plus this margin (twice the
+# improvement tolerance: judgement, so that the band is wider than what counts as progress).
+PLATEAU_BAND_TOL = 2 * PLATEAU_REL_TOL
 # A plateau shorter than this fraction of the run is normal convergence noise.
 PLATEAU_MIN_FRAC = 0.25
 # Flat for half the run or more while the LR was not annealed: warning (time wasted).
@@ -47,52 +44,6 @@ PLATEAU_WARN_FRAC = 0.5
 # LR "annealed" when it ended below this fraction of its peak: a late plateau is then
 # convergence by design, reported as info only.
 LR_ANNEALED_FRAC = 0.2
-MIN_LOSS_POINTS = 10
-
-
-def loss_smoothed(df: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
-    """(raw finite loss, robustly smoothed loss); SkipRule without enough points."""
-    s = require(df, LOSS, min_points=MIN_LOSS_POINTS)
-    return s, memo(df, "loss_smoothed", lambda: an.robust_smooth(s))
-
-
-def divergence(sm: pd.Series) -> dict[str, Any] | None:
-    """Where the smoothed loss left its best-so-far for good, or None."""
-    best = sm.cummin()
-    threshold = best + (DIVERGENCE_REL * best.abs()).clip(lower=DIVERGENCE_ABS)
-    onset = an.sustained_from(sm > threshold)
-    if onset is None:
-        return None
-    n_after = int((sm.index >= onset).sum())
-    if n_after < DIVERGENCE_MIN_POINTS:
-        return None
-    # Report where the loss first left its best for this excursion: the first crossing after
-    # the best value that precedes the sustained part (it may have dipped back briefly).
-    before = sm[sm.index < onset]
-    if len(before):
-        best_at = before.idxmin()
-        crossed = (sm > threshold)[(sm.index > best_at) & (sm.index <= onset)]
-        onset = int(crossed.idxmax()) if crossed.any() else onset
-    best_before = (
-        float(best[best.index < onset].iloc[-1]) if onset > sm.index[0] else float(best.iloc[0])
-    )
-    best_step = int(sm[sm.index < onset].idxmin()) if onset > sm.index[0] else int(sm.index[0])
-    return {
-        "onset_step": int(onset),
-        "best_loss": best_before,
-        "best_step": best_step,
-        "final_smoothed_loss": float(sm.iloc[-1]),
-        "max_smoothed_loss": float(sm[sm.index >= onset].max()),
-    }
-
-
-def loss_spikes(df: pd.DataFrame) -> pd.DataFrame:
-    """Upward spikes of the training loss (see :func:`tdiag.report.analyses.spikes`)."""
-    return memo(
-        df,
-        "loss_spikes",
-        lambda: an.spikes(an.metric(df, LOSS), window=SPIKE_WINDOW, z=SPIKE_Z, rel=SPIKE_REL),
-    )
 
 
 def _live_alert(events: Any, rule_id: str) -> dict[str, Any] | None:
@@ -169,8 +120,8 @@ def nonfinite_loss(df: pd.DataFrame, meta: dict[str, Any], events: Any = ()) -> 
 
 @register_rule("train.divergence", title="Loss diverged")
 def train_divergence(df: pd.DataFrame, meta: dict[str, Any]) -> list[Finding]:
-    _, sm = loss_smoothed(df)
-    d = divergence(sm)
+    loss_smoothed(df)  # skips without enough points
+    d = find_divergence(df)
     if d is None:
         return []
     rise = d["final_smoothed_loss"] - d["best_loss"]
@@ -180,16 +131,25 @@ def train_divergence(df: pd.DataFrame, meta: dict[str, Any]) -> list[Finding]:
     }
     if LR in df.columns:
         evidence["lr_at_onset"] = r(value_at(an.metric(df, LR), d["onset_step"]))
+    if d["kind"] == "above_initial":
+        message = (
+            f"The loss rose above its initial value {d['initial_loss']:.4g} (step "
+            f"{d['initial_step']}) from step {d['onset_step']} (up to {d['max_loss']:.4g}) and "
+            f"never came back below it: the smoothed loss ended at "
+            f"{d['final_smoothed_loss']:.4g}, so the trained model is worse than the untrained one."
+        )
+    else:
+        message = (
+            f"The smoothed loss left its best value {d['best_loss']:.4g} (step {d['best_step']}) "
+            f"from step {d['onset_step']} and never came back: it ended at "
+            f"{d['final_smoothed_loss']:.4g} (peak {d['max_smoothed_loss']:.4g})."
+        )
     return [
         Finding(
             id="train.divergence",
             severity=Severity.ERROR,
             title="Training loss diverged",
-            message=(
-                f"The smoothed loss left its best value {d['best_loss']:.4g} (step {d['best_step']}) "
-                f"from step {d['onset_step']} and never came back: it ended at "
-                f"{d['final_smoothed_loss']:.4g} (peak {d['max_smoothed_loss']:.4g})."
-            ),
+            message=message,
             step=d["onset_step"],
             evidence=evidence,
             recommendation=(
@@ -244,16 +204,31 @@ def train_loss_spikes(df: pd.DataFrame, meta: dict[str, Any]) -> list[Finding]:
     ]
 
 
+def plateau_began(sm: pd.Series, flat_from: int) -> int:
+    """Where the plateau found from ``flat_from`` began: the first step from which the
+    smoothed loss stays at or below the plateau's highest value (+ :data:`PLATEAU_BAND_TOL`)."""
+    top = float(sm[sm.index >= flat_from].max())
+    top += PLATEAU_BAND_TOL * abs(top)
+    above = sm[(sm.index < flat_from) & (sm > top)]
+    if len(above) == 0:
+        return int(sm.index[0])
+    return int(sm.index[sm.index > above.index[-1]][0])
+
+
 @register_rule("train.plateau", title="Loss plateau")
 def train_plateau(df: pd.DataFrame, meta: dict[str, Any]) -> list[Finding]:
     s, sm = loss_smoothed(df)
-    start = an.plateau_start(sm, rel_tol=PLATEAU_REL_TOL, smooth=False)
-    if start is None:
+    flat_from = an.plateau_start(sm, rel_tol=PLATEAU_REL_TOL, smooth=False)
+    if flat_from is None:
         return []
     first, last = int(s.index[0]), int(s.index[-1])
-    frac = (last - start) / max(1, last - first)
-    if frac < PLATEAU_MIN_FRAC:
+    if (last - flat_from) / max(1, last - first) < PLATEAU_MIN_FRAC:
         return []
+    start = plateau_began(sm, flat_from)
+    level = float(value_at(sm, start))
+    if float(sm.iloc[-1]) > level + margin(level):
+        return []  # the loss got worse, not flat: that is train.divergence
+    frac = (last - start) / max(1, last - first)
     annealed = False
     lr_info: dict[str, Any] = {}
     if LR in df.columns and len(an.metric(df, LR)):
@@ -265,9 +240,9 @@ def train_plateau(df: pd.DataFrame, meta: dict[str, Any]) -> list[Finding]:
             "lr_peak": r(float(lr.max())),
         }
     warn = frac >= PLATEAU_WARN_FRAC and not annealed
-    level = float(value_at(sm, start))
     evidence = {
         "start_step": start,
+        "flat_from_step": flat_from,
         "plateau_frac": r(frac),
         "loss_at_start": r(level),
         "final_smoothed_loss": r(float(sm.iloc[-1])),
@@ -282,8 +257,9 @@ def train_plateau(df: pd.DataFrame, meta: dict[str, Any]) -> list[Finding]:
             severity=Severity.WARNING if warn else Severity.INFO,
             title=f"Loss flat for the last {frac:.0%} of training",
             message=(
-                f"From step {start} the smoothed loss ({level:.4g}) never improved by more than "
-                f"{PLATEAU_REL_TOL:.0%}: {frac:.0%} of the run bought no progress."
+                f"The smoothed loss reached {level:.4g} at step {start} and stayed at that level "
+                f"to the end (from step {flat_from} it never improved by more than "
+                f"{PLATEAU_REL_TOL:.0%}): {frac:.0%} of the run bought no progress."
             ),
             step=start,
             evidence=evidence,

@@ -19,6 +19,8 @@ OVERFIT_REL = 0.03
 OVERFIT_ABS = 0.02
 OVERFIT_MIN_WORSE = 2
 # Early stopping: the best validation loss came this fraction of the run before its end.
+# Neither rule points at the first evaluation: with an evaluation before training (nanoGPT
+# evaluates at iteration 0) that is the untrained model.
 EARLY_STOP_MIN_FRAC = 0.1
 
 
@@ -31,6 +33,8 @@ def train_overfitting(df: pd.DataFrame, meta: dict[str, Any]) -> list[Finding]:
     val = _val(df)
     train = an.robust_smooth(require(df, LOSS, min_points=3))
     best_step = int(val.idxmin())
+    if best_step == int(val.index[0]):
+        return []  # val never beat its first evaluation: it never generalised, so nothing to lose
     best = float(val.min())
     last = float(val.iloc[-1])
     after = val[val.index > best_step]
@@ -42,7 +46,9 @@ def train_overfitting(df: pd.DataFrame, meta: dict[str, Any]) -> list[Finding]:
     if not train_last < train_at_best:
         return []  # val got worse but train did too: that is divergence, not overfitting
     gap_best = best - train_at_best
-    gap_last = last - train_last
+    gap_last = last - value_at(train, int(val.index[-1]))
+    if not (gap_last > 0 and gap_last > gap_best):
+        return []  # val at or below train, or a gap that did not grow: no memorisation
     evidence = {
         "best_val_step": best_step,
         "best_val_loss": r(best),
@@ -81,7 +87,10 @@ def train_early_stop(df: pd.DataFrame, meta: dict[str, Any]) -> list[Finding]:
     val = _val(df)
     best_step = int(val.idxmin())
     last_step = int(val.index[-1])
-    if best_step == last_step:
+    if best_step in (last_step, int(val.index[0])):
+        # At the end: nothing to stop. At the first evaluation (step 0 in a loop that evaluates
+        # before training): the untrained model was the best, which is no stopping point but
+        # a run that never learned (train.divergence / train.lr-too-high say why).
         return []
     span = max(1, int(last_step - val.index[0]))
     frac = (last_step - best_step) / span
