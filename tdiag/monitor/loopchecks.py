@@ -80,6 +80,20 @@ def _frozen(m: nn.Module) -> bool:
     return isinstance(m, _BATCH_STATS) and all(not p.requires_grad for p in params)
 
 
+def _pad_counts(args: tuple, kwargs: Mapping[str, Any]) -> torch.Tensor | None:
+    """``[pad positions with a label != -100, pad positions]`` of a forward called with
+    ``labels=`` and ``attention_mask=`` (Hugging Face style), on the device; else None."""
+    batch = kwargs if "labels" in kwargs else next((a for a in args if isinstance(a, Mapping)), {})
+    labels, mask = batch.get("labels"), batch.get("attention_mask")
+    if not (isinstance(labels, torch.Tensor) and isinstance(mask, torch.Tensor)):
+        return None
+    if labels.shape != mask.shape:
+        return None
+    with torch.no_grad():
+        pad = mask == 0
+        return torch.stack([(pad & (labels != -100)).sum(), pad.sum()]).float()
+
+
 def _input_ids(args: tuple, kwargs: Mapping[str, Any]) -> torch.Tensor | None:
     ids = kwargs.get("input_ids")
     if ids is None:
@@ -386,6 +400,34 @@ def repeated_batch(obs: LoopObservation, mem: LoopMemory) -> Finding | None:
     )
 
 
+@register_loop_check("data.pad-in-loss")
+def pad_in_loss(obs: LoopObservation, mem: LoopMemory) -> Finding | None:
+    counts = obs.host.get("loop/pad_in_loss")
+    if counts is None or not counts[0] > 0:
+        return None
+    counted, pads = counts[0], counts[1]
+    return _finding(
+        "data.pad-in-loss",
+        Severity.WARNING,
+        "Padding positions count in the loss",
+        message=(
+            f"In the training batch of step {obs.step}, {counted:.0f} of {pads:.0f} padded "
+            "positions (attention_mask == 0) carry a label that is not -100: the loss "
+            "trains the model to predict padding."
+        ),
+        step=obs.step,
+        evidence={
+            "pad_positions_in_loss": counted,
+            "pad_positions": pads,
+            "fraction": counted / pads if pads else None,
+        },
+        recommendation=(
+            "Set labels[attention_mask == 0] = -100 (the ignore_index of cross_entropy), or "
+            "use a collator that does (transformers' DataCollatorForLanguageModeling)."
+        ),
+    )
+
+
 @register_loop_check("dist.weights-desync")
 def weights_desync(obs: LoopObservation, mem: LoopMemory) -> Finding | None:
     per_rank = obs.host.get("loop/param_sq")
@@ -470,6 +512,7 @@ class LoopWatch:
         self._eval_modules: list[str] | None = None
         self._train_mode_eval: tuple[int, list[str]] | None = None
         self.fingerprint_next = False
+        self._pad_counts: torch.Tensor | None = None
         self._fp_taken = False
         self._fp_cur: tuple | None = None
         self._fps: dict[int, tuple] = {}
@@ -547,6 +590,8 @@ class LoopWatch:
             self._eval_modules = [
                 n or "<root>" for n, m in self._stochastic if not m.training and not _frozen(m)
             ]
+        if self.armed and self._pad_counts is None and self._active("data.pad-in-loss"):
+            self._pad_counts = _pad_counts(args, kwargs)
         if self.fingerprint_next and not self._fp_taken:
             self._fp_taken = True
             ids = _input_ids(args, kwargs)
@@ -585,6 +630,9 @@ class LoopWatch:
         if a is not None and b is not None and a[0] == b[0]:
             same = (a[1] == b[1]).all().float()
         batch.add("loop/same_batch", same, "max")
+        pads = self._pad_counts if self._pad_counts is not None else [0.0, 0.0]
+        batch.add("loop/pad_in_loss", pads, "sum")
+        self._pad_counts = None
         self._fps = {step: b} if b is not None else {}  # log_every 1: next step compares it
         if self.distributed and not self.sharded and self._active("dist.weights-desync"):
             params = [to_local(p).detach() for p in self._params if p.numel()]

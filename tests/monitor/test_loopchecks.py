@@ -350,3 +350,44 @@ def test_repeated_batch_quiet_for_a_loader_iterated_and_a_two_batch_cycle(tmp_pa
 def test_ignore_rejects_unknown_ids(tmp_path):
     with pytest.raises(ValueError, match=r"loop\.nope"):
         Monitor(TinyGPT(), **quiet_options(tmp_path, ignore=["loop.nope"]))
+
+
+# ---------------------------------------------------------------------- data.pad-in-loss
+def _hf_pad_run(tmp_path, *, mask_labels: bool, pad: bool):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(
+        GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=61, n_positions=32)
+    )
+
+    def body(step, model, opt, mon):
+        ids = make_batch(step, seq=16)
+        mask = torch.ones_like(ids)
+        if pad:
+            mask[:, 12:] = 0  # right padding
+            ids = ids.masked_fill(mask == 0, 0)
+        labels = ids.clone()
+        if mask_labels:
+            labels[mask == 0] = -100
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss, ids
+
+    return run(tmp_path, body, model=model)
+
+
+@pytest.mark.hf
+def test_pad_in_loss_fires_on_labels_that_keep_the_pad_id(tmp_path):
+    ids, findings, _ = _hf_pad_run(tmp_path, mask_labels=False, pad=True)
+    assert ids == ["data.pad-in-loss"]
+    assert findings[0].evidence["pad_positions_in_loss"] == 4 * 4
+    assert findings[0].evidence["fraction"] == 1.0
+
+
+@pytest.mark.hf
+def test_pad_in_loss_quiet_with_ignored_pads_or_no_padding(tmp_path):
+    assert _hf_pad_run(tmp_path / "a", mask_labels=True, pad=True)[0] == []
+    assert _hf_pad_run(tmp_path / "b", mask_labels=False, pad=False)[0] == []
