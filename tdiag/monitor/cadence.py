@@ -19,7 +19,12 @@ defers nothing.
 
 from __future__ import annotations
 
-__all__ = ["PROBATION_CALLS", "StepCadence"]
+import math
+from typing import Any
+
+import torch
+
+__all__ = ["PROBATION_CALLS", "StepCadence", "merge_calls", "micro_batch_warning"]
 
 PROBATION_CALLS = 64
 """At most this many calls are deferred while the pattern is unclear."""
@@ -105,3 +110,35 @@ class StepCadence:
         self.mode = "micro" if mode == "micro" else "per-call"
         self.period = state.get("period")
         self.placement = state.get("placement")
+
+
+def merge_calls(calls: list[tuple]) -> tuple[Any, Any, float | None, float]:
+    """One optimizer step from its micro-batch calls ``(loss, tokens, data_time, step_time)``:
+    the mean loss (on the device, no host sync), summed tokens, data and step times."""
+    losses = [c[0] for c in calls if c[0] is not None]
+    loss: Any = None
+    tensors = [v.detach().float().mean() for v in losses if isinstance(v, torch.Tensor)]
+    if tensors and len(tensors) == len(losses):
+        dev = tensors[0].device
+        loss = torch.stack([t.to(dev) for t in tensors]).mean()
+    elif losses:
+        loss = math.fsum(float(v) for v in losses) / len(losses)
+    toks = [c[1] for c in calls if c[1] is not None]
+    tokens: Any = None
+    if any(isinstance(t, torch.Tensor) for t in toks):
+        tokens = sum(t.detach().sum() if isinstance(t, torch.Tensor) else t for t in toks)
+    elif toks:
+        tokens = sum(int(t) for t in toks)
+    dts = [c[2] for c in calls if c[2] is not None]
+    return loss, tokens, (math.fsum(dts) if dts else None), math.fsum(c[3] for c in calls)
+
+
+def micro_batch_warning(k: int | None) -> str:
+    """The one warning of a loop that calls ``mon.step()`` k times per optimizer step."""
+    return (
+        f"tdiag: mon.step() is called {k} times per optimizer step (once per micro-batch of "
+        "gradient accumulation?). Call it once per optimizer step, after optimizer.step(), "
+        "with that step's loss (the mean over its micro-batches, not divided by the "
+        f"accumulation steps) and its tokens. tdiag now counts every {k} calls as one step "
+        "(their mean loss, their summed tokens)."
+    )

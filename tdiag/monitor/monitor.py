@@ -25,7 +25,7 @@ from torch import nn
 from tdiag.history import HISTORY_FILE, META_FILE, write_json_atomic
 from tdiag.monitor import alerts
 from tdiag.monitor.alerts import NonFiniteError
-from tdiag.monitor.cadence import PROBATION_CALLS, StepCadence
+from tdiag.monitor.cadence import PROBATION_CALLS, StepCadence, merge_calls, micro_batch_warning
 from tdiag.monitor.callbacks import CallbackAliases
 from tdiag.monitor.config import MonitorConfig, build_sinks, infer_clip
 from tdiag.monitor.distributed import gather_rows, rank_info, step_time_metrics
@@ -281,9 +281,9 @@ class Monitor(CallbackAliases):
             self._t_return = time.perf_counter()
             return
         if verdict == "close_prev":  # the kept calls were the step just taken
-            call, self._micro = self._merge_calls(self._micro), [call]
+            call, self._micro = merge_calls(self._micro), [call]
         elif verdict == "close" and self._micro:
-            call, self._micro = self._merge_calls([*self._micro, call]), []
+            call, self._micro = merge_calls([*self._micro, call]), []
         elif verdict == "regroup" and self._cadence.placement == "before":
             self._micro = [call]  # opens the next step; the deferred calls are regrouped
             call = None
@@ -349,26 +349,6 @@ class Monitor(CallbackAliases):
             self._arm()
 
     # -- micro-batches (cadence.py) --------------------------------------------------------
-    def _merge_calls(self, calls: list[tuple]) -> tuple[Any, Any, float | None, float]:
-        """One optimizer step from its micro-batch calls: the mean loss (on the device),
-        summed tokens, data and step times."""
-        losses = [c[0] for c in calls if c[0] is not None]
-        loss: Any = None
-        tensors = [v.detach().float().mean() for v in losses if isinstance(v, torch.Tensor)]
-        if tensors and len(tensors) == len(losses):
-            dev = tensors[0].device
-            loss = torch.stack([t.to(dev) for t in tensors]).mean()
-        elif losses:
-            loss = math.fsum(float(v) for v in losses) / len(losses)
-        toks = [c[1] for c in calls if c[1] is not None]
-        tokens: Any = None
-        if any(isinstance(t, torch.Tensor) for t in toks):
-            tokens = sum(t.detach().sum() if isinstance(t, torch.Tensor) else t for t in toks)
-        elif toks:
-            tokens = sum(int(t) for t in toks)
-        dts = [c[2] for c in calls if c[2] is not None]
-        return loss, tokens, (math.fsum(dts) if dts else None), math.fsum(c[3] for c in calls)
-
     def _flush_micro(self) -> None:
         """At close: the kept micro-batch calls of a ``"before"`` loop whose optimizer step
         ran after the last ``step()`` are that last step."""
@@ -378,7 +358,7 @@ class Monitor(CallbackAliases):
             and self._opt_hook is not None
             and self._opt_steps != self._opt_steps_seen
         ):
-            call, self._micro = self._merge_calls(self._micro), []
+            call, self._micro = merge_calls(self._micro), []
             self._record(call, None, True, "record")
         self._micro = []
 
@@ -396,16 +376,7 @@ class Monitor(CallbackAliases):
         groups = self._cadence.groups
         self._acc.regroup(groups)
         self._step = len(groups)
-        k = self._cadence.period
-        logger.warning(
-            "tdiag: mon.step() is called %d times per optimizer step (once per micro-batch of "
-            "gradient accumulation?). Call it once per optimizer step, after optimizer.step(), "
-            "with that step's loss (the mean over its micro-batches, not divided by the "
-            "accumulation steps) and its tokens. tdiag now counts every %d calls as one step "
-            "(their mean loss, their summed tokens).",
-            k,
-            k,
-        )
+        logger.warning(micro_batch_warning(self._cadence.period))
 
     def log(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         """Write extra metrics (e.g. ``{"val/loss": v}``) at ``step`` (default: the current
