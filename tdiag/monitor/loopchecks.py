@@ -42,6 +42,9 @@ logger = logging.getLogger(__name__)
 
 # A parameter's update counts as none when it is exactly zero (no optimizer step leaves a
 # parameter with a gradient bit-identical, unless its LR, or its whole step, is zero).
+STALE_SAMPLE = 4
+"""``loop.grad-accumulating``: stale gradients measured on the first few parameters (one
+small kernel each, on log steps); the others are only counted."""
 CLIP_TOLERANCE = 1e-3
 """``loop.clip-after-step``: the used gradient exceeds the threshold by more than 0.1 %
 (``clip_grad_norm_`` leaves it at ``max_norm * (1 - 1e-6 / norm)``)."""
@@ -184,7 +187,8 @@ def grad_accumulating(obs: LoopObservation, mem: LoopMemory) -> Finding | None:
         "Gradients are never cleared between optimizer steps",
         message=(
             f"At the first backward of step {obs.step}, .grad of {len(names)} parameter(s) "
-            f"still held a gradient from earlier steps (norm {math.sqrt(total):.4g}"
+            f"still held a gradient from earlier steps (norm {math.sqrt(total):.4g} over the "
+            f"first {min(len(names), STALE_SAMPLE)}"
             + (f"; this step's own gradient norm {new:.4g}" if new is not None else "")
             + "): every step adds to the sum of all earlier gradients. Seen on "
             f"{mem.stale_seen} log steps."
@@ -193,6 +197,7 @@ def grad_accumulating(obs: LoopObservation, mem: LoopMemory) -> Finding | None:
         step=obs.step,
         evidence={
             "stale_grad_norm": math.sqrt(total),
+            "stale_grad_norm_of": min(len(names), STALE_SAMPLE),
             "grad_norm": new,
             "params_with_stale_grad": len(names),
             "examples": names[:5],
@@ -561,8 +566,12 @@ class LoopWatch:
                     return
                 old = p.grad
                 if old is not None:  # before accumulation: what earlier backwards left
-                    with torch.no_grad():  # now: the buffer is accumulated into in place next
-                        sq = to_local(old).detach().float().square().sum()
+                    # Measured now (the buffer is accumulated into in place next), for the
+                    # first few only: zero_grad() clears all or none, so a handful tells.
+                    sq = None
+                    if len(self._stale) < STALE_SAMPLE:
+                        with torch.no_grad():
+                            sq = to_local(old).detach().float().square().sum()
                     self._stale.append((name, sq))
             except Exception as exc:  # a monitoring failure never stops training
                 logger.warning("tdiag: loop checks disabled (%r)", exc)
@@ -622,8 +631,9 @@ class LoopWatch:
             return
         # Every rank adds the same entries (one all_gather of equal-length vectors).
         stale: torch.Tensor | float = 0.0
-        if self._stale:
-            stale = torch.stack([t.to(self._stale[0][1].device) for _, t in self._stale]).sum()
+        sampled = [t for _, t in self._stale if t is not None]
+        if sampled:
+            stale = torch.stack([t.to(sampled[0].device) for t in sampled]).sum()
         batch.add("loop/stale_sq", stale, "max")
         a, b = self._fps.get(step - 1), self._fps.get(step)
         same: torch.Tensor | float = 0.0
