@@ -16,7 +16,19 @@ __all__ = ["CHECKS", "CheckContext", "CheckSpec", "SkipCheck", "register_check"]
 
 logger = logging.getLogger(__name__)
 
-_FAMILIES = ("data", "init", "numerics", "gradients", "structure", "attention", "sanity")
+#: The check modules, in the order their checks run (a module's checks name their family:
+#: ``label_leak`` and ``pad_loss`` hold checks of the "data" family).
+_FAMILIES = (
+    "data",
+    "pad_loss",
+    "label_leak",
+    "init",
+    "numerics",
+    "gradients",
+    "structure",
+    "attention",
+    "sanity",
+)
 
 for _family in _FAMILIES:
     try:

@@ -256,6 +256,13 @@ class CheckContext:
             return loss
         return self.default_loss(logits_from_output(out), b)
 
+    def loss_source(self) -> str:
+        """Where :meth:`loss` comes from: ``"loss_fn"`` (the file's), ``"output"`` (the model's
+        own ``.loss`` on ``ctx.batch``) or ``"default"`` (tdiag's cross-entropy)."""
+        if self.loss_fn is not None:
+            return "loss_fn"
+        return "output" if self.recorded_forward()["loss"] is not None else "default"
+
     def targets(self, batch: Mapping[str, Any] | None = None) -> torch.Tensor:
         """Per-position target ids ``(B, L)`` before any shift, with -100 where ignored.
 

@@ -12,11 +12,15 @@
   not have changed while its inputs there had not: the module that introduces the
   dependence.
 - :func:`clean_batch` a batch without padding (structure checks compare real positions).
+- :func:`training_copy` a copy of the model to train (``train.cannot-overfit``,
+  ``data.label-leak``), so the user's model is never changed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import logging
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +42,10 @@ __all__ = [
     "region_values",
     "relative_change",
     "seeded",
+    "training_copy",
 ]
+
+logger = logging.getLogger(__name__)
 
 #: Relative change (max |a-b| / max |a|) above which an output "depends" on a perturbed
 #: input. A model that does not depend on it gives exactly 0 in float32 (masked scores
@@ -157,6 +164,22 @@ def clean_batch(ctx: CheckContext, *, max_batch: int | None = None) -> dict[str,
     if ctx.attention_mask is not None:
         batch["attention_mask"] = torch.ones_like(ids, dtype=ctx.attention_mask.dtype)
     return batch
+
+
+def training_copy(ctx: CheckContext) -> nn.Module:
+    """A copy of the model as it is now (same weights), in train mode with dropout off (the
+    checks that train ask about capacity and targets, not regularisation); rebuilt by the
+    file's factory when it cannot be deep-copied."""
+    try:
+        model = copy.deepcopy(ctx.model)
+    except (TypeError, RuntimeError, copy.Error) as exc:
+        logger.info("cannot deepcopy the model (%s); rebuilding it from the factory", exc)
+        model = ctx.fresh_model()
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.p = 0.0
+    return model
 
 
 def relative_change(a: torch.Tensor, b: torch.Tensor) -> float:

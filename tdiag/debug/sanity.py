@@ -8,7 +8,6 @@ check trains a copy of the model, so the user's model is untouched.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from tdiag.debug.probes import training_copy
 from tdiag.debug.registry import SkipCheck, register_check
 from tdiag.findings import Finding, Severity
 
@@ -82,20 +82,6 @@ def _first_loss(ctx: CheckContext, model: nn.Module) -> tuple[dict[str, Any], to
     return full, ctx.loss(full, model=model)
 
 
-def _copy_model(ctx: CheckContext) -> nn.Module:
-    """A copy of the model as it is now (same weights), in train mode with dropout off."""
-    try:
-        model = copy.deepcopy(ctx.model)
-    except (TypeError, RuntimeError, copy.Error) as exc:
-        logger.info("cannot deepcopy the model (%s); rebuilding it from the factory", exc)
-        model = ctx.fresh_model()
-    model.train()
-    for m in model.modules():
-        if isinstance(m, nn.modules.dropout._DropoutNd):
-            m.p = 0.0  # overfitting is about capacity, not regularisation
-    return model
-
-
 def _lrs(opt: torch.optim.Optimizer) -> list[float]:
     return [float(g.get("lr", math.nan)) for g in opt.param_groups]
 
@@ -103,7 +89,7 @@ def _lrs(opt: torch.optim.Optimizer) -> list[float]:
 @register_check("train.cannot-overfit", family="sanity", title="Cannot overfit one small batch")
 def check_cannot_overfit(ctx: CheckContext) -> list[Finding]:
     """Train a copy on one batch for up to MAX_STEPS steps; the loss must fall close to zero."""
-    model = _copy_model(ctx)
+    model = training_copy(ctx)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise SkipCheck("the model has no trainable parameter")
