@@ -52,6 +52,15 @@ logger = logging.getLogger(__name__)
 _PROBED_STEP_KEYS = ("train/grad_norm", "train/update_ratio", "grad_norm/")
 
 
+def _signal_name(signum: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
 class Monitor(CallbackAliases):
     """Watch a training loop; write metrics, live Findings and a report into a run folder.
 
@@ -84,12 +93,18 @@ class Monitor(CallbackAliases):
         self.rank = rank_info()
         self.clip = self.options.clip if self.options.clip is not None else infer_clip(config)
         self.device = model_device(model)
+        # Files are written by rank 0, into a run folder it can write (else: one warning,
+        # console/extra sinks only; training goes on) and no other live process writes
+        # (else RunDirInUse, before any hook is attached).
+        self._writes_files = self.rank.is_main and self._run_dir_writable()
+        self._lock = self._take_lock() if self._writes_files else None
         self._step = 0
         self._closed = False
         self._warned_closed = False
         self._warned_no_grads = False
         self._skipped: bool | torch.Tensor | None = None
         self.status = "running"  # then completed | signal | exception | nonfinite
+        self.end_detail: dict[str, str] = {}  # {"signal": "SIGTERM"} | {"exception": "T: msg"}
         self._alerted: set[str] = set()
         self.findings: list[Any] = []  # live Findings raised (on every rank)
         self.last_metrics: dict[str, float] = {}  # the last logged row (on every rank)
@@ -144,9 +159,6 @@ class Monitor(CallbackAliases):
         )
         self._loop.fingerprint_next = True  # step 1's input, for step 2's comparison
         self._root_hook = model.register_forward_pre_hook(self._on_forward, with_kwargs=True)
-        # Files are written by rank 0, into a run folder it can write (else: one warning,
-        # console/extra sinks only; training goes on).
-        self._writes_files = self.rank.is_main and self._run_dir_writable()
         self.sinks = MultiSink(
             build_sinks(self.options, sinks, files=self._writes_files)
             if self.rank.is_main
@@ -171,6 +183,17 @@ class Monitor(CallbackAliases):
             )
             return False
         return True
+
+    def _take_lock(self) -> Any:
+        """One writer per run folder (tdiag/runlock.py). Raises RunDirInUse when another
+        live process writes it: refused before training starts, nothing lost."""
+        from tdiag.runlock import acquire
+
+        try:
+            return acquire(self.run_dir)
+        except OSError as exc:  # no lock file possible (odd filesystem): write unlocked
+            logger.warning("tdiag: cannot lock %s (%s); writing it unlocked", self.run_dir, exc)
+            return None
 
     def _open(self) -> None:
         meta = guarded(lambda: build_meta(monitor=self), "collecting run metadata") or {}
@@ -653,6 +676,7 @@ class Monitor(CallbackAliases):
             exc = None  # sys.exit(0) inside the block is a normal end, not a crash
         if exc is not None:
             self.status = "exception"
+            self.end_detail = {"exception": f"{type(exc).__name__}: {exc}"[:500]}
             if self._writes_files:
                 detail = f"{type(exc).__name__}: {exc}"
                 guarded(
@@ -663,6 +687,7 @@ class Monitor(CallbackAliases):
                 )
         elif self._signals.signum is not None:
             self.status = "signal"
+            self.end_detail = {"signal": _signal_name(self._signals.signum)}
         elif self.status == "running":
             self.status = "completed"
         if self._watcher is not None:
@@ -681,6 +706,8 @@ class Monitor(CallbackAliases):
             if self.options.report:
                 alerts.build_report_safely(self.run_dir, self._summary_console())
         self._signals.restore()
+        if self._lock is not None:
+            self._lock.release()
 
     # -- context manager, callback aliases, resume -----------------------------------------
     def _summary_console(self) -> Any:

@@ -97,6 +97,7 @@ def write_end_meta(monitor: Any) -> None:
         "steps": monitor.global_step,
         "time": time.time(),
         "status": monitor.status,
+        **monitor.end_detail,
         "tokens": monitor.tokens_total,
         "sink_failures": [f.to_dict() for f in monitor.sinks.failures],
     }

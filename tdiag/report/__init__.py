@@ -114,9 +114,14 @@ def build_report(
     alerts, alert_problems = _live_alerts(events)
     result = evaluate(df, meta, events)  # findings come ranked: severity, impact, step
     findings = list(result.findings)
+    from tdiag.report.run_status import run_status
+
+    summary = summarize(df, meta)
+    last = int(df["step"].max()) if len(df) else None
+    summary["run_status"] = run_status(meta, folder, last)
     report = assemble_report(
         meta=meta,
-        summary=summarize(df, meta),
+        summary=summary,
         findings=findings,
         analyses=result.analyses,
         skipped=result.skipped,

@@ -46,6 +46,12 @@ def render_console(
             value.append(f"  ({card['sub']})", style="dim")
         head.add_row(card["label"], value)
     console.print(Text("tdiag report", style="bold"))
+    status = summary.get("run_status")
+    if status:
+        style = {"completed": "green", "running": "cyan", "terminated": "yellow"}.get(
+            status.get("state"), "red"
+        )
+        console.print(Text(str(status.get("text")), style=style))
     console.print(head)
 
     for problem in report.get("history_problems") or []:

@@ -138,19 +138,28 @@ def render_html(
         findings: the same findings as Finding objects, in display order (numbered 1..).
         charts: from :func:`tdiag.report.charts.build_charts` with the same findings.
         source: the run folder or history path, shown under the title.
-        live_alerts: Findings the Monitor raised while training (events.jsonl), listed apart.
+        live_alerts: Findings the Monitor raised while training (events.jsonl), listed apart
+            (those also among ``findings``, the loop findings, link to their number).
     """
     from tdiag import __version__
     from tdiag.report.rules import RULES
+    from tdiag.report.rules.live import SOURCE as LIVE_SOURCE
 
     meta = report.get("run") or {}
     summary = report.get("summary") or {}
+    # live loop findings that the report also lists among its findings: link to them
+    promoted = {
+        (f.id, f.step): n
+        for n, f in enumerate(findings, start=1)
+        if f.evidence.get("source") == LIVE_SOURCE
+    }
     context = {
         "version": __version__,
         "run_name": run_name(meta, source),
         "source": source,
         "counts": count_by_severity(findings),
         "cards": headline_cards(summary),
+        "run_status": summary.get("run_status"),
         "problems": list(report.get("history_problems") or []),
         "findings": _finding_views(findings, charts),
         "skipped": [
@@ -169,6 +178,7 @@ def render_html(
                 "step": a.step,
                 "title": a.title,
                 "message": a.message,
+                "finding": promoted.get((a.id, a.step)),
             }
             for a in live_alerts
         ],
