@@ -38,11 +38,9 @@ def run_status(
         if status == "exception":
             what = end.get("exception") or "an exception"
             return {"state": "failed", "step": step, "text": f"Failed with {what} at step {step}."}
-        text = f"Completed: {step} steps."
+        text = f"Completed after step {step}."
         if status == "nonfinite":
-            text = (
-                f"Completed: {step} steps (non-finite values were raised live, see the findings)."
-            )
+            text = f"Completed after step {step} (non-finite values were raised, see the findings)."
         return {"state": "completed", "step": step, "text": text}
     holder = lock_holder(folder)
     if holder is not None:
