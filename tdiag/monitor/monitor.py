@@ -700,6 +700,7 @@ class Monitor(CallbackAliases):
             self._opt_hook.remove()
         if self._sampler is not None:
             guarded(self._sampler.stop, "stopping the system sampler")
+        self._tell_console_outcome()
         self.sinks.close()
         if self._writes_files:
             guarded(lambda: write_end_meta(self), "updating meta.json")
@@ -710,6 +711,20 @@ class Monitor(CallbackAliases):
             self._lock.release()
 
     # -- context manager, callback aliases, resume -----------------------------------------
+    def _tell_console_outcome(self) -> None:
+        """The console's last line says how the run ended, not just "done"."""
+        from tdiag.monitor.sinks import ConsoleSink
+
+        detail = self.end_detail
+        outcome = {
+            "signal": f"terminated by {detail.get('signal', 'a signal')}",
+            "exception": f"failed with {detail.get('exception', 'an exception')}",
+            "nonfinite": "done, with non-finite values (see the findings)",
+        }.get(self.status, "done")
+        for sink in self.sinks.sinks:
+            if isinstance(sink, ConsoleSink):
+                sink.outcome = outcome
+
     def _summary_console(self) -> Any:
         """The live console's rich Console, for the report's summary (None when quiet/off)."""
         from tdiag.monitor.sinks import ConsoleSink

@@ -239,3 +239,32 @@ def test_terminal_metric_line_is_cut_not_wrapped_on_a_narrow_terminal():
     metric_lines = [line for line in lines if "loss" in line]
     assert metric_lines and all(line.rstrip().endswith("…") for line in metric_lines)
     assert all(len(line) <= 40 for line in metric_lines)
+
+
+def test_the_last_line_says_how_the_run_ended(tmp_path):
+    import io
+
+    import pytest
+    import torch
+    from rich.console import Console
+
+    from tdiag.monitor import Monitor
+    from tdiag.monitor.sinks import ConsoleSink
+
+    from .conftest import TinyGPT, quiet_options
+
+    def last_line(exc: BaseException | None) -> str:
+        buf = io.StringIO()
+        sink = ConsoleSink(console=Console(file=buf, width=200, color_system=None))
+        opts = quiet_options(tmp_path / str(exc is None))
+        with pytest.raises(RuntimeError) if exc else open(tmp_path / "x", "w"):
+            with Monitor(TinyGPT(), sinks=[sink], **opts) as mon:
+                mon.step(torch.tensor(1.0))
+                if exc:
+                    raise exc
+        return buf.getvalue().strip().splitlines()[-1]
+
+    assert last_line(None).startswith("tdiag: done, 1 steps in")
+    assert last_line(RuntimeError("out of memory")).startswith(
+        "tdiag: failed with RuntimeError: out of memory, 1 steps in"
+    )

@@ -177,6 +177,7 @@ class ConsoleSink:
         self._progress: _TwoLineProgress | None = None
         self._task: TaskID | None = None
         self._t_open: float | None = None
+        self.outcome: str | None = None  # how the run ended, set by the Monitor before close
         self._first: tuple[int, float] | None = None  # (step, time) of the first write
         self._last_step: int | None = None
         self._shown: dict[str, Any] = {}
@@ -276,5 +277,6 @@ class ConsoleSink:
             return
         elapsed = _duration(self._clock() - self._t_open)
         steps = f"{self._last_step} steps" if self._last_step is not None else "no log step"
-        self.console.print(Text(f"tdiag: done, {steps} in {elapsed}"), highlight=False)
+        outcome = self.outcome or "done"
+        self.console.print(Text(f"tdiag: {outcome}, {steps} in {elapsed}"), highlight=False)
         self._t_open = None
