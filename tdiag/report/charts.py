@@ -60,9 +60,20 @@ FINDING_CHARTS: dict[str, tuple[str, ...]] = {
     "mem.near-capacity": ("memory",),
     "mem.leak": ("memory",),
     "dist.straggler": ("step-time",),
+    "data.unshuffled": ("loss",),
+    "data.label-leak": ("loss",),
+    # the Monitor's loop findings (events.jsonl)
+    "loop.grad-accumulating": ("grad-norm", "loss"),
+    "loop.clip-after-step": ("grad-norm",),
+    "loop.params-not-updated": ("loss", "update-ratio"),
+    "loop.optimizer-replaced": ("loss",),
+    "data.repeated-batch": ("loss",),
+    "dist.weights-desync": ("loss",),
 }
 _PREFIX_CHARTS = {
     "train.": ("loss",),
+    "loop.": ("loss",),
+    "data.": ("loss",),
     "perf.": ("throughput", "step-time"),
     "mem.": ("memory",),
     "dist.": ("step-time",),

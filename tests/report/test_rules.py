@@ -46,6 +46,8 @@ REQUIRED = {
     "mem.near-capacity",
     "mem.leak",
     "dist.straggler",
+    "data.unshuffled",
+    "data.label-leak",
 }
 
 # rule id -> (fixture that has the fault, severity expected, fixture that does not)
@@ -72,6 +74,8 @@ CASES = {
     "mem.near-capacity": ("synthetic_near_capacity", Severity.WARNING, "synthetic_gpu_healthy"),
     "mem.leak": ("mem_leak", Severity.WARNING, "healthy"),
     "dist.straggler": ("dist_straggler", Severity.WARNING, "dist_healthy"),
+    "data.unshuffled": ("data_unshuffled", Severity.WARNING, "data_shuffled"),
+    "data.label-leak": ("label_leak", Severity.ERROR, "overfit_tiny"),
 }
 
 HEALTHY = (
@@ -94,6 +98,7 @@ MORE_POSITIVES = [
     ("train.lr-too-low", "lr_zero_short", Severity.WARNING),
     ("train.plateau", "lr_decayed_early", Severity.INFO),
     ("train.skipped-steps", "skipped_microbatch", Severity.WARNING),
+    ("data.label-leak", "loop_repeated_batch", Severity.WARNING),  # one batch, memorised fast
 ]
 MORE_NEGATIVES = [
     ("train.overfitting", "lr_blowup"),  # val stayed below train throughout
@@ -105,6 +110,8 @@ MORE_NEGATIVES = [
     ("train.lr-too-high", "lr_decayed_early"),
     ("train.lr-too-low", "lr_decayed_early"),
     ("train.skipped-steps", "lr_blowup"),
+    ("data.label-leak", "overfit"),
+    ("data.unshuffled", "loss_spikes"),  # a corrupted shard every 60 steps is not data order
     *[(rule, healthy) for rule in sorted(CASES) if rule.startswith("train.") for healthy in (
         "nano_healthy", "nano_healthy_cosine")],
 ]  # fmt: skip

@@ -1,8 +1,8 @@
 """Report rules: turn a run's history into ranked Findings.
 
 ``evaluate(df, meta, events)`` runs every registered rule (one family per module:
-``training``, ``validation``, ``lr``, ``optim``, ``steps``, ``perf``, ``memory``,
-``dist``) and returns a :class:`RuleResult`
+``training``, ``validation``, ``lr``, ``optim``, ``steps``, ``data``, ``perf``, ``memory``,
+``dist``), adds the loop findings the Monitor raised live (events.jsonl, :mod:`live`) and returns a :class:`RuleResult`
 with the findings (worst first: severity, then ``evidence["impact"]``, a cause before the
 symptom it explains (:mod:`tdiag.report.rules.explains`)), the analyses behind
 them (small JSON-able numbers for report.json) and the rules skipped with their reason.
@@ -22,6 +22,7 @@ from tdiag.findings import Finding
 from tdiag.report import analyses as an
 from tdiag.report.rules import (  # noqa: F401  (importing registers the rules)
     _loss,
+    data,
     dist,
     lr,
     memory,
@@ -44,6 +45,7 @@ from tdiag.report.rules._common import (
     steps_list,
 )
 from tdiag.report.rules.explains import EXPLAINS, Explains, apply_explains
+from tdiag.report.rules.live import is_loop_finding, loop_findings
 from tdiag.report.rules.registry import RULES, RuleSpec, SkipRule, register_rule
 
 __all__ = [
@@ -66,8 +68,9 @@ class RuleResult:
     """What :func:`evaluate` returns.
 
     Attributes:
-        findings: ranked Findings (severity, then impact, then step; within a severity a cause
-            before the symptoms it explains, which carry ``evidence["explained_by"]``).
+        findings: ranked Findings (severity, then the Monitor's loop findings, then impact,
+            then step; within a severity a cause before the symptoms it explains, which carry
+            ``evidence["explained_by"]``).
         analyses: JSON-able numbers behind them (per metric summaries, trends, spikes…).
         skipped: ``[{"id", "reason"}]`` for each rule that did not apply.
     """
@@ -87,13 +90,19 @@ def _impact(f: Finding) -> float:
 
 
 def rank_findings(findings: Iterable[Finding]) -> list[Finding]:
-    """Worst first: severity, then ``evidence["impact"]`` (high first), then step (early first);
-    then, within one severity, a cause before the symptoms it explains
+    """Worst first: severity, then the loop findings the Monitor raised live (bugs seen in the
+    act, :mod:`tdiag.report.rules.live`), then ``evidence["impact"]`` (high first), then step
+    (early first); then, within one severity, a cause before the symptoms it explains
     (:func:`tdiag.report.rules.explains.apply_explains`: the symptoms get
     ``evidence["explained_by"]``)."""
     ranked = sorted(
         findings,
-        key=lambda f: (f.severity.rank, -_impact(f), f.step if f.step is not None else -1),
+        key=lambda f: (
+            f.severity.rank,
+            not is_loop_finding(f.id),
+            -_impact(f),
+            f.step if f.step is not None else -1,
+        ),
     )
     return apply_explains(ranked)
 
@@ -112,7 +121,8 @@ def evaluate(
             metric; sparse rows are fine.
         meta: the run's meta.json dict (config, environment); ``{}`` when absent.
         events: the live Findings of events.jsonl (dicts or Findings); ``train.nonfinite-loss``
-            takes the exact step and module of the Monitor's live alert from them.
+            takes the exact step and module of the Monitor's live alert from them, and the
+            loop findings among them (``loop.*``, ``data.repeated-batch``…) join the findings.
         only: run only these rule ids.
 
     Returns:
@@ -152,6 +162,7 @@ def _run_rules(
             result.skipped.append(
                 {"id": rule_id, "reason": f"internal error: {type(exc).__name__}: {exc}"}
             )
+    findings.extend(f for f in loop_findings(events) if wanted is None or f.id in wanted)
     result.findings = rank_findings(findings)
     try:
         result.analyses = summarize_analyses(df)

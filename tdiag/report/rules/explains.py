@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from tdiag.findings import Finding
 from tdiag.report.rules._common import GPU_ALLOC
 
-__all__ = ["EXPLAINS", "Explains", "apply_explains", "explaining_causes"]
+__all__ = ["EXPLAINS", "LOOP_EXPLAINS", "Explains", "apply_explains", "explaining_causes"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,92 @@ def _not_before(cause: Finding, symptom: Finding) -> bool:
 def _gpu_leak(cause: Finding, symptom: Finding) -> bool:
     """Only a leak of GPU memory fills the GPU (mem.leak also watches host RSS)."""
     return cause.evidence.get("metric") == GPU_ALLOC and _not_before(cause, symptom)
+
+
+def _lr_not_zero(cause: Finding, symptom: Finding) -> bool:
+    """Not the "Learning rate is 0" finding: that one is the cause of parameters not updated."""
+    return "zero_lr_frac" not in symptom.evidence
+
+
+def _lr_is_zero(cause: Finding, symptom: Finding) -> bool:
+    """The "Learning rate is 0" finding (lr-too-low's zero-LR kind)."""
+    return "zero_lr_frac" in cause.evidence
+
+
+def _loop(cause: str, symptoms: tuple[str, ...], why: str, applies=None) -> tuple[Explains, ...]:
+    """Pairs for a loop finding of the Monitor: a bug in the script seen in the act. Always
+    (unless ``applies`` says otherwise): the bug is in the loop from the start, the Monitor
+    names it at the first log step that shows it."""
+    if applies is None:
+        return tuple(Explains(cause, s, why) for s in symptoms)
+    return tuple(Explains(cause, s, why, applies) for s in symptoms)
+
+
+_PLATEAU_LIKE = ("train.plateau", "train.lr-too-low")
+_UNSTABLE = ("train.divergence", "train.loss-spikes")
+
+# The Monitor's loop findings (events.jsonl, tdiag.report.rules.live) as causes.
+LOOP_EXPLAINS: tuple[Explains, ...] = (
+    *_loop(
+        "data.repeated-batch",
+        ("train.overfitting", "train.early-stop", "train.plateau", "data.label-leak"),
+        "the loop trains on one batch over and over: it memorises it (training loss near 0, "
+        "validation loss rising) and learns nothing else",
+    ),
+    *_loop(
+        "loop.grad-accumulating",
+        (
+            *_UNSTABLE,
+            "train.lr-too-high",
+            "train.grad-norm-growth",
+            "train.clipping-frequent",
+            "train.plateau",
+        ),
+        "every step applies the sum of all earlier gradients: the gradient norm grows, "
+        "clipping bites on every step and the updates stop following the loss",
+    ),
+    *_loop(
+        "loop.params-not-updated",
+        _PLATEAU_LIKE,
+        "parameters with gradients that the optimizer step leaves unchanged do not learn "
+        "(not when the LR is exactly 0: then the LR finding is the cause)",
+        _lr_not_zero,
+    ),
+    *_loop(
+        "loop.params-not-in-optimizer",
+        _PLATEAU_LIKE,
+        "parameters outside every param group never update: the loss stalls",
+    ),
+    *_loop(
+        "loop.eval-mode-training",
+        (*_PLATEAU_LIKE, "train.overfitting"),
+        "training in eval mode turns dropout off (overfitting) and freezes batch statistics "
+        "(a loss that stalls)",
+    ),
+    *_loop(
+        "loop.clip-after-step",
+        (*_UNSTABLE, "train.clipping-frequent", "train.grad-norm-growth"),
+        "the clip never reaches optimizer.step(): the steps are unclipped, and raising the "
+        "threshold (the clipping rule's advice) changes nothing",
+    ),
+    *_loop(
+        "loop.optimizer-replaced",
+        (*_UNSTABLE, "train.plateau"),
+        "a fresh optimizer loses Adam's moments and restarts its bias correction: the first "
+        "steps after each replacement are large (spikes), the run makes little progress",
+    ),
+    *_loop(
+        "dist.weights-desync",
+        _UNSTABLE,
+        "replicas that differ average gradients taken at different weights",
+    ),
+    Explains(
+        "train.lr-too-low",
+        "loop.params-not-updated",
+        "an LR of exactly 0 leaves every parameter unchanged: the LR finding is the cause",
+        _lr_is_zero,
+    ),
+)
 
 
 EXPLAINS: tuple[Explains, ...] = (
@@ -129,6 +215,7 @@ EXPLAINS: tuple[Explains, ...] = (
         "only a leak of sys/gpu_mem_allocated_gb (not host RSS) that starts before the peak",
         _gpu_leak,
     ),
+    *LOOP_EXPLAINS,
 )
 
 
