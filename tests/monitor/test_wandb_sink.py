@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 import sys
+import time
 import types
 
 import pytest
