@@ -183,19 +183,51 @@ def flops_setup(monitor: Any, perf: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def build_report_safely(run_dir: Path, console: Any = None) -> None:
+def build_report_safely(
+    run_dir: Path, console: Any = None, *, deadline: float | None = None
+) -> bool:
     """``tdiag.report.build_report(run_dir)`` when it exists; a failure is logged, never raised.
-    ``console``: a rich Console for the report's short terminal summary (None: no summary)."""
+    ``console``: a rich Console for the report's short terminal summary (None: no summary).
+
+    ``deadline`` (a ``time.monotonic()`` value): build in a daemon thread and stop waiting
+    then (after SIGTERM the process must be gone before torchrun's / Slurm's SIGKILL). The
+    report files are written by temp file + rename, so an unfinished build leaves none torn.
+
+    Returns:
+        True when the report was written; False when it failed, is unavailable or was not done
+        by the deadline.
+    """
     try:
         from tdiag.report import build_report
     except ImportError:
         logger.debug("tdiag.report.build_report is not available; no report written")
-        return
-    try:
-        build_report(run_dir, console=console)
-    except Exception as exc:  # the report must never turn a finished run into a crash
-        logger.warning("tdiag: building the report failed (%s: %s)", type(exc).__name__, exc)
-        logger.debug("traceback", exc_info=exc)
+        return False
+    done: list[bool] = []
+
+    def build() -> None:
+        try:
+            build_report(run_dir, console=console)
+            done.append(True)
+        except Exception as exc:  # the report must never turn a finished run into a crash
+            logger.warning("tdiag: building the report failed (%s: %s)", type(exc).__name__, exc)
+            logger.debug("traceback", exc_info=exc)
+
+    if deadline is None:
+        build()
+        return bool(done)
+    import threading
+
+    worker = threading.Thread(target=build, name="tdiag-report", daemon=True)
+    worker.start()
+    worker.join(max(0.0, deadline - time.monotonic()))
+    if worker.is_alive():
+        logger.warning(
+            "tdiag: the report was not finished in time after the signal; run "
+            "`tdiag report %s` to build it",
+            run_dir,
+        )
+        return False
+    return bool(done)
 
 
 def input_info(module: nn.Module, args: Any, kwargs: Any) -> dict[str, Any]:

@@ -48,6 +48,10 @@ __all__ = ["Monitor", "MonitorConfig", "NonFiniteError"]
 
 logger = logging.getLogger(__name__)
 
+# After SIGTERM/SIGINT the report gets this long from the signal (torchrun and Slurm send
+# SIGKILL 30 s after SIGTERM; the exit is held to ~5 s: history and meta.json come first).
+SIGNAL_REPORT_BUDGET_S = 3.0
+
 # Metrics of the probed (log) step's gradients/update: meaningless when it was skipped.
 _PROBED_STEP_KEYS = ("train/grad_norm", "train/update_ratio", "grad_norm/")
 
@@ -705,7 +709,18 @@ class Monitor(CallbackAliases):
         if self._writes_files:
             guarded(lambda: write_end_meta(self), "updating meta.json")
             if self.options.report:
-                alerts.build_report_safely(self.run_dir, self._summary_console())
+                deadline = None
+                if self._signals.received_at is not None:  # out before the SIGKILL
+                    deadline = self._signals.received_at + SIGNAL_REPORT_BUDGET_S
+                built = alerts.build_report_safely(
+                    self.run_dir, self._summary_console(), deadline=deadline
+                )
+                if deadline is not None and not built:
+                    self.end_detail["report"] = (
+                        f"incomplete: not built within {SIGNAL_REPORT_BUDGET_S:g} s of the "
+                        f"signal; `tdiag report {self.run_dir}` builds it"
+                    )
+                    guarded(lambda: write_end_meta(self), "updating meta.json")
         self._signals.restore()
         if self._lock is not None:
             self._lock.release()

@@ -29,6 +29,8 @@ WRITER = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     from monitor.conftest import TinyGPT, lm_loss, make_batch
     from tdiag import Monitor
+    import tdiag.monitor.monitor
+    {pre}
     torch.set_num_threads(1)
     model = TinyGPT(); opt = torch.optim.SGD(model.parameters(), lr=1e-2)
     mon = Monitor(model, opt, run_dir={run_dir!r}, log_every=1, console=False,
@@ -47,7 +49,7 @@ WRITER = textwrap.dedent(
 )
 
 
-def _start_writer(tmp_path, run_dir, *, steps=1000, ready_at=3, sleep=0.05, report=False):
+def _start_writer(tmp_path, run_dir, *, steps=1000, ready_at=3, sleep=0.05, report=False, pre=""):
     ready = tmp_path / "ready"
     code = WRITER.format(
         tests=str(ROOT / "tests"),
@@ -57,6 +59,7 @@ def _start_writer(tmp_path, run_dir, *, steps=1000, ready_at=3, sleep=0.05, repo
         ready_at=ready_at,
         sleep=sleep,
         ready=str(ready),
+        pre=pre,
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT)
@@ -139,3 +142,18 @@ def test_an_exception_and_a_normal_end_are_reported_in_words(tmp_path):
         mon.step(torch.tensor(1.0))
     status = build_report(tmp_path / "b" / "run")["summary"]["run_status"]
     assert status["state"] == "completed" and status["text"] == "Completed after step 1."
+
+
+@pytest.mark.slow
+def test_after_sigterm_an_unfinished_report_is_left_to_tdiag_report(tmp_path):
+    # A report that cannot be built within the budget after the signal (here: a budget of 0)
+    # is not waited for: meta.json says so, the process exits 143 at once.
+    run_dir = tmp_path / "run"
+    pre = "tdiag.monitor.monitor.SIGNAL_REPORT_BUDGET_S = 0.0"
+    proc = _start_writer(tmp_path, run_dir, report=True, pre=pre)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143
+    end = json.loads((run_dir / "meta.json").read_text())["end"]
+    assert end["status"] == "signal" and end["signal"] == "SIGTERM"
+    assert end["report"].startswith("incomplete") and "tdiag report" in end["report"]
+    assert len(_rows(run_dir)) >= 3  # the history is whole
