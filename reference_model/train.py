@@ -504,6 +504,10 @@ def _mlm_seeded(gen: torch.Generator, seed: int, rank: int, index: int) -> torch
     return gen.manual_seed((seed * 1_000_003 + rank) * 1_000_003 + index)
 
 
+def _callback_key(index: int, cb: object) -> str:
+    return f"{index}:{type(cb).__name__}"
+
+
 def _call(callbacks: Sequence[object], hook: str, state: TrainState) -> None:
     for cb in callbacks:
         fn = getattr(cb, hook, None)
@@ -600,6 +604,7 @@ def train(
     )
     val_history: list[tuple[int, float]] = []
     stopped_early = False
+    callback_states: dict[str, Any] = {}
     if cfg.resume and ckpt_path is not None and ckpt_path.exists():
         # CPU first: RNG states must stay CPU tensors; load_state_dict moves the rest.
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
@@ -615,6 +620,7 @@ def train(
         state.step, state.lr = int(ck["step"]), scheduler.get_last_lr()[0]
         val_history = [(int(s), float(v)) for s, v in ck["val_history"]]
         stopped_early = bool(ck.get("stopped_early", False))
+        callback_states = ck.get("callbacks") or {}
         if rank == 0:
             logger.info("resumed from %s at step %d", ckpt_path, state.step)
             if stopped_early:
@@ -633,12 +639,22 @@ def train(
             "config": asdict(cfg),
             "val_history": [list(x) for x in val_history],
             "stopped_early": stopped_early,
+            # observers with state (the tdiag Monitor): resumed with the run
+            "callbacks": {
+                _callback_key(i, cb): cb.state_dict()
+                for i, cb in enumerate(callbacks)
+                if callable(getattr(cb, "state_dict", None))
+            },
         }
 
     mlm_gen = torch.Generator()
     causal = cfg.model.causal
     model.train()
     _call(callbacks, "on_train_start", state)
+    for i, cb in enumerate(callbacks):  # after on_train_start: the callback is set up
+        key = _callback_key(i, cb)
+        if key in callback_states and callable(getattr(cb, "load_state_dict", None)):
+            cb.load_state_dict(callback_states[key])
     # agreed by all ranks (DDP: a rank that left alone would hang the others); every rank
     # read the same checkpoint, so a resumed early stop is agreed too.
     stop = stopped_early
@@ -808,6 +824,17 @@ class MonitorCallback:
 
     def on_train_start(self, state: TrainState) -> None:
         self.mon = self.make_monitor(state)
+        if state.step > 0:  # resumed: count on from the trainer's step (a checkpoint without
+            # the Monitor's state; load_state_dict below restores the rest when it has it)
+            self.mon.load_state_dict({"version": 1, "step": state.step, "tokens_total": 0.0})
+
+    def state_dict(self) -> dict[str, Any]:
+        """The Monitor's state, saved in the trainer's checkpoint."""
+        return self.mon.state_dict() if self.mon is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.mon is not None and state:
+            self.mon.load_state_dict(state)
 
     def on_step_end(self, state: TrainState) -> None:
         self.mon.step(

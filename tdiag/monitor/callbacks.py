@@ -71,7 +71,8 @@ class CallbackAliases:
         if state.get("version") != 1:
             raise ValueError(f"unknown Monitor state version {state.get('version')!r}")
         self._step = int(state["step"])
-        self.tokens_total = float(state["tokens_total"])
+        self._restart_from = self._step  # the history's restart marker, with the next row
+        self.tokens_total = float(state.get("tokens_total", 0.0))
         self._alerted = set(state.get("alerted", []))
         self.recorder.load_state_dict(state.get("recorder", {}))
         self._cadence.load_state_dict(state.get("cadence", {}))

@@ -108,6 +108,7 @@ class Monitor(CallbackAliases):
         self._warned_no_grads = False
         self._skipped: bool | torch.Tensor | None = None
         self.status = "running"  # then completed | signal | exception | nonfinite
+        self._restart_from: int | None = None  # set by load_state_dict (resume)
         self.end_detail: dict[str, str] = {}  # {"signal": "SIGTERM"} | {"exception": "T: msg"}
         self._alerted: set[str] = set()
         self.findings: list[Any] = []  # live Findings raised (on every rank)
@@ -498,6 +499,13 @@ class Monitor(CallbackAliases):
         for i in range(n):
             self.recorder.record(first_step + i, alerts.step_row(summary, i))
         self.recorder.record(self._step, metrics)
+        if self._restart_from is not None:
+            # A resumed run: its first row is preceded by a marker at the first replayed
+            # step, so that the history shows the restart and the reader lets the resumed
+            # rows win from there (the earlier run's rows up to the checkpoint stay).
+            marker = {"run/restart": float(self._restart_from)}
+            self.sinks.write(min(self._restart_from + 1, first_step), marker)
+            self._restart_from = None
         self.sinks.write(self._step, metrics)
         self.last_metrics = metrics
         where = self._watcher.first_nonfinite_module(host, layout) if layout else None
