@@ -23,10 +23,13 @@ def test_resume_continues_steps_tokens_and_history(tmp_path, tiny_gpt):
         mon2.load_state_dict(restored)
         assert mon2.state_dict() == state
         train_loop(tiny_gpt, mon2, 5)
-    assert [s for s, _ in sink.rows] == [12, 13]  # not step 1 again: step 9 is not a log step
-    assert sink.rows[0][1]["train/tokens"] == 12 * 64
+    # not step 1 again; the restart marker (at the first step after the checkpoint's) comes
+    # with the first row the resumed run writes (step 9 is not a log step)
+    assert [s for s, _ in sink.rows] == [9, 12, 13]
+    assert sink.rows[0][1] == {"run/restart": 8.0}
+    assert sink.rows[1][1]["train/tokens"] == 12 * 64
     df, stats = read_history(tmp_path / "run")
-    assert list(df["step"]) == [1, 4, 8, 12, 13] and not stats.problems  # appended
+    assert list(df["step"]) == [1, 4, 8, 9, 12, 13] and not stats.problems  # appended
 
 
 def test_state_dict_keeps_alerts(tmp_path, tiny_gpt):

@@ -8,11 +8,10 @@ import dataclasses
 import json
 
 import pytest
+from test_rm_train import tiny_cfg  # this folder is on sys.path (pytest's rootdir mode)
 
 from reference_model.train import attach_monitor, train
 from tdiag.history import read_history
-
-from test_rm_train import tiny_cfg  # this folder is on sys.path (pytest's rootdir mode)
 
 
 class KillAt:
