@@ -64,6 +64,11 @@ class TdiagCallback(TrainerCallback):
             model, optimizer=inner, run_dir=run_dir, log_every=log_every, config=config, **options
         )
         self._tap = LossTap(model)
+        if state.global_step > 0:  # resume_from_checkpoint: count on from the Trainer's step
+            tokens = float(getattr(state, "num_input_tokens_seen", 0) or 0)
+            self.monitor.load_state_dict(
+                {"version": 1, "step": int(state.global_step), "tokens_total": tokens}
+            )
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.monitor is None or self._tap is None:

@@ -56,6 +56,7 @@ class TdiagLightningCallback(Callback):
         self._losses: list[torch.Tensor] = []
         self._tokens = 0
         self._last_global_step = 0
+        self._pending_state: dict[str, Any] | None = None
 
     def on_train_start(self, trainer, pl_module):
         from tdiag import Monitor
@@ -83,6 +84,22 @@ class TdiagLightningCallback(Callback):
             **options,
         )
         self._last_global_step = trainer.global_step
+        # Resumed from a Lightning checkpoint: the Monitor's own state came with it (this
+        # callback's state_dict), else count on from the trainer's step.
+        if self._pending_state:
+            self.monitor.load_state_dict(self._pending_state)
+        elif trainer.global_step > 0:
+            self.monitor.load_state_dict(
+                {"version": 1, "step": int(trainer.global_step), "tokens_total": 0.0}
+            )
+        self._pending_state = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved by Lightning in its checkpoints (resume restores the Monitor's steps)."""
+        return self.monitor.state_dict() if self.monitor is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending_state = dict(state_dict) or None  # applied once the Monitor exists
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.monitor is None:

@@ -62,3 +62,39 @@ def test_trainer_callback_writes_history_and_val_loss(tmp_path):
     assert df["val/loss"].notna().sum() == 2
     assert cb._tap is None  # hooks removed at the end
     assert not model._forward_hooks and not model._forward_pre_hooks
+
+
+def test_trainer_resume_from_checkpoint_continues_the_monitors_steps(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+
+    from tdiag.integrations.huggingface import TdiagCallback
+
+    def fit(max_steps, resume=None):
+        model = GPT2LMHeadModel(
+            GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16)
+        )
+        args = TrainingArguments(
+            output_dir=str(tmp_path / "out"),
+            max_steps=max_steps,
+            per_device_train_batch_size=4,
+            logging_steps=2,
+            report_to=[],
+            use_cpu=True,
+            save_strategy="steps",
+            save_steps=4,
+            disable_tqdm=True,
+        )
+        cb = TdiagCallback(
+            run_dir=str(tmp_path / "run"), tensorboard=False, system=False, report=False
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=_Ids(48, 16, 64), callbacks=[cb])
+        trainer.train(resume_from_checkpoint=resume)
+        return cb
+
+    assert fit(4).monitor.global_step == 4
+    cb = fit(8, resume=str(tmp_path / "out" / "checkpoint-4"))
+    assert cb.monitor.global_step == 8  # counted on from the checkpoint's step, not from 1
+    df, stats = read_history(tmp_path / "run")
+    train = df.dropna(subset=["train/loss"])
+    assert train["step"].tolist() == [1, 2, 4, 6, 8] and stats.superseded == 0
+    assert (df["run/restart"] == 4.0).sum() == 1
