@@ -74,7 +74,11 @@ def prefill(path: Path, rows: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=1_000_000)
-    ap.add_argument("--no-report", action="store_true", help="Monitor(report=False): the exit without the report")
+    ap.add_argument(
+        "--no-report",
+        action="store_true",
+        help="Monitor(report=False): the exit without the report",
+    )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
@@ -82,10 +86,16 @@ def main() -> None:
         t0 = time.perf_counter()
         prefill(run_dir / "history.jsonl", args.rows)
         size = (run_dir / "history.jsonl").stat().st_size
-        print(f"prefilled {args.rows} rows ({size / 2**20:.0f} MiB) in {time.perf_counter() - t0:.1f} s")
+        print(
+            f"prefilled {args.rows} rows ({size / 2**20:.0f} MiB) in {time.perf_counter() - t0:.1f} s"
+        )
         ready = Path(tmp) / "ready"
-        code = LOOP.format(root=str(ROOT), run_dir=str(run_dir), ready=str(ready), report=not args.no_report)
-        proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "OMP_NUM_THREADS": "1"})
+        code = LOOP.format(
+            root=str(ROOT), run_dir=str(run_dir), ready=str(ready), report=not args.no_report
+        )
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code], env={**os.environ, "OMP_NUM_THREADS": "1"}
+        )
         while not ready.exists():
             if proc.poll() is not None:
                 raise SystemExit(f"the loop ended early (rc {proc.returncode})")
