@@ -50,4 +50,3 @@ def test_resume_from_an_earlier_checkpoint_keeps_the_history_whole(tmp_path):
     assert trained["step"].tolist() == [1, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100]
     assert stats.superseded == 2  # the first run's rows of steps 70 and 75 (replayed)
     assert trained["train/tokens"].is_monotonic_increasing
-
