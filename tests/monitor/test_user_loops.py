@@ -316,8 +316,10 @@ def test_resumed_run_dir_warns_unless_the_state_is_loaded(tiny_gpt, tmp_path, ca
         _plain_steps(tiny_gpt, mon, 4, start=4)
     assert "already has a history" not in caplog.text
     df, _ = read_history(opts["run_dir"])
-    assert df["step"].tolist() == [1, 2, 4, 6, 8]
-    assert df["train/tokens"].tolist() == [64.0 * s for s in (1, 2, 4, 6, 8)]
+    assert df["step"].tolist() == [1, 2, 4, 5, 6, 8]  # 5: the restart marker (run/restart)
+    assert df.loc[df["step"] == 5, "run/restart"].tolist() == [4.0]
+    train = df.dropna(subset=["train/loss"])
+    assert train["train/tokens"].tolist() == [64.0 * s for s in (1, 2, 4, 6, 8)]
     with caplog.at_level(logging.WARNING, logger="tdiag"), Monitor(tiny_gpt, opt, **opts) as mon:
         _plain_steps(tiny_gpt, mon, 1)  # forgot load_state_dict
     assert caplog.text.count("already has a history") == 1

@@ -1,0 +1,248 @@
+"""The Monitor's log step (one host transfer, metrics, live checks) and its handling of
+``step()`` called per micro-batch: mixins of :class:`tdiag.monitor.Monitor`, split out of
+monitor.py to keep it one screen per concern. They use the Monitor's own attributes (they
+are the same object); the logic itself lives in metrics.py, probe.py, loopchecks.py,
+cadence.py and distributed.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from tdiag.monitor import alerts
+from tdiag.monitor.cadence import merge_calls, micro_batch_warning
+from tdiag.monitor.distributed import gather_rows, step_time_metrics
+from tdiag.monitor.metrics import DeviceBatch, learning_rates, summarize_interval
+from tdiag.monitor.runinfo import guarded
+from tdiag.monitor.system import cuda_memory_stats
+
+__all__ = ["LogSteps", "MicroBatchSteps"]
+
+logger = logging.getLogger("tdiag.monitor.monitor")
+
+# Metrics of the probed (log) step's gradients/update: meaningless when it was skipped.
+_PROBED_STEP_KEYS = ("train/grad_norm", "train/update_ratio", "grad_norm/")
+
+
+class LogSteps:
+    """Bring the interval to the host (one sync), compute, write, run the live checks."""
+
+    # Attributes of the Monitor these methods use (declared for readers and type checkers).
+    _acc: Any
+    _probe: Any
+    _loop: Any
+    _timer: Any
+    _watcher: Any
+    _step: int
+
+    # -- log steps -------------------------------------------------------------------------
+    def _log_step(self, *, final: bool = False) -> dict[str, float]:
+        """Bring the interval to the host (one sync), compute, write, check for NaN/Inf.
+        ``final``: a flush at close/signal/strict stop, without a collective."""
+        n = self._acc.n
+        if n == 0:
+            return {}
+        first_step = self._step - n + 1
+        collective = self.rank.distributed and not final
+        try:
+            host, layout, mem, elapsed, probed = self._gather(n, collective)
+            summary = self._acc.summary(host)
+            metrics = self._interval_metrics(host, summary, layout, mem, elapsed, probed)
+        finally:  # even if something failed: a fresh interval, no hook left attached
+            self._acc.reset()
+            self._probe.disarm()
+            if self._timer is not None:
+                self._timer.disarm()
+            if self._watcher is not None:
+                self._watcher.disarm()
+            self._loop.disarm()
+        for i in range(n):
+            self.recorder.record(first_step + i, alerts.step_row(summary, i))
+        self.recorder.record(self._step, metrics)
+        if self._restart_from is not None:
+            # A resumed run: its first row is preceded by a marker at the first replayed
+            # step, so that the history shows the restart and the reader lets the resumed
+            # rows win from there (the earlier run's rows up to the checkpoint stay).
+            marker = {"run/restart": float(self._restart_from)}
+            self.sinks.write(min(self._restart_from + 1, first_step), marker)
+            self._restart_from = None
+        self.sinks.write(self._step, metrics)
+        self.last_metrics = metrics
+        where = self._watcher.first_nonfinite_module(host, layout) if layout else None
+        self._check_nonfinite(summary, metrics, first_step, where)
+        self._raise(
+            self._loop.check(
+                step=self._step,
+                host=host,
+                metrics=metrics,
+                steps_in_interval=n,
+                optimizer_steps=probed["opt_steps"],
+                probed_skipped=bool(summary.skipped and summary.skipped[-1]),
+                update_names=probed["update_names"],
+                update_groups=probed["update_groups"],
+            )
+        )
+        return metrics
+
+    def _raise(self, findings: list[Any]) -> None:
+        """Live Findings of the loop checks (loopchecks.py): to the sinks and the console."""
+        for f in findings:
+            self.findings.append(f)
+            self.sinks.event(f)
+
+    def _gather(self, n: int, collective: bool) -> tuple[dict[str, Any], Any, dict, float, dict]:
+        batch = DeviceBatch()
+        self._acc.add_to(batch)
+        if (
+            self._probe.armed
+            and not self._probe.done
+            and self._probe.enabled
+            and self._skipped is not True  # a skipped step's gradients are inf/NaN by design
+        ):
+            self._probe.measure_grads(list(self.model.parameters()))  # no optimizer hook fired
+            if not self._probe.done and self.optimizer is None and not self._acc.has_grad_norms:
+                self._warn_no_grads()
+        self._probe.add_to(batch)
+        self._loop.add_to(batch, self._step)
+        layout = self._watcher.add_to(batch) if self._watcher and self._watcher.armed else None
+        local_elapsed = time.perf_counter() - self._t_prev_log
+        batch.add("host/step_time", local_elapsed / n, "all")
+        if self.rank.distributed:  # per-rank own time, to name a straggler (timing.py)
+            data = self._acc.data_times
+            batch.add("host/data_time", math.fsum(data) / len(data) if data else math.nan, "all")
+            compute = guarded(self._timer.seconds, "timing the forward") if self._timer else None
+            batch.add("host/compute_time", math.nan if compute is None else compute, "all")
+        batch.add("host/tokens", float(self._acc.tokens), "sum")
+        mem = guarded(lambda: cuda_memory_stats(self.device), "reading CUDA memory") or {}
+        for key, value in mem.items():
+            batch.add(key, value, "max")
+        rows = (
+            gather_rows(batch.pack(with_host=True), self.rank)
+            if collective
+            else [batch.pack().tolist()]  # host sync (the one per log step)
+        )
+        host = batch.unpack(rows, with_host=collective)
+        now = time.perf_counter()
+        elapsed, self._t_prev_log = now - self._t_prev_log, now
+        if self._watcher is not None:
+            self._watcher.disarm()
+        probed = {
+            "names": self._probe.tensor_names,
+            "scale": self._probe.scale,
+            "lr": guarded(self._probe.lr_metrics, "reading the LR"),
+            "update_names": self._probe.update_names,
+            "update_groups": self._probe.update_groups,
+            "opt_steps": None
+            if self._opt_hook is None
+            else self._opt_steps - self._opt_steps_at_log,
+        }
+        self._opt_steps_at_log = self._opt_steps
+        self._probe.disarm()
+        self._probe.reset()
+        return host, layout, mem, elapsed, probed
+
+    def _interval_metrics(
+        self, host: dict, summary: Any, layout: Any, mem: dict, elapsed: float, probed: dict
+    ) -> dict[str, float]:
+        tokens = host["host/tokens"][0] + sum(host.get("acc/tokens", [0.0]))
+        self.tokens_total += tokens
+        metrics = self._probe.metrics(host, probed["names"], scale=probed["scale"])
+        if summary.skipped and summary.skipped[-1]:  # the probed step was skipped (GradScaler)
+            metrics = {k: v for k, v in metrics.items() if not k.startswith(_PROBED_STEP_KEYS)}
+        metrics.update(summarize_interval(summary, clip=self.clip, tokens=tokens, elapsed=elapsed))
+        metrics["train/tokens"] = self.tokens_total
+        # The LR the probed step used (read in its pre-hook: a scheduler steps after it);
+        # without an optimizer step seen, the optimizer's current LR.
+        lrs = probed["lr"]
+        if lrs is None:
+            lrs = guarded(lambda: learning_rates(self.optimizer), "reading the LR") or {}
+        metrics.update(lrs)
+        if layout is not None:
+            metrics.update(self._watcher.metrics(host, layout))
+        metrics.update(self._mfu.metrics(metrics.get("perf/tokens_per_sec"), self.rank.world_size))
+        self._t_prev_log += self._mfu.setup_seconds  # the one-time FLOP/peak set-up is not a step
+        self._mfu.setup_seconds = 0.0
+        metrics.update({k: host[k][0] for k in mem})
+        if self._sampler is not None:
+            metrics.update(guarded(self._sampler.latest, "reading system metrics") or {})
+        metrics.update(
+            step_time_metrics(
+                [r[0] for r in host["host/step_time"]],
+                data=[r[0] for r in host["host/data_time"]] if "host/data_time" in host else None,
+                compute=(
+                    [r[0] for r in host["host/compute_time"]]
+                    if "host/compute_time" in host
+                    else None
+                ),
+            )
+        )
+        return metrics
+
+    # -- live detection --------------------------------------------------------------------
+    def _check_nonfinite(
+        self, summary: Any, metrics: Mapping[str, float], first: int, where: str | None
+    ) -> None:
+        findings = alerts.nonfinite_findings(summary, metrics, first, self._step, where)
+        findings = [f for f in findings if f.id not in self._alerted]
+        if not findings:
+            return
+        if where is None:
+            where = guarded(lambda: alerts.first_nonfinite_param(self.model), "locating NaN")
+            findings = [f if f.where else alerts.with_where(f, where) for f in findings]
+        for f in findings:
+            self._alerted.add(f.id)
+            self.findings.append(f)
+            self.sinks.event(f)
+        self.status = "nonfinite"
+        if self._writes_files:
+            guarded(
+                lambda: self.recorder.dump(
+                    self.run_dir, reason=findings[0].id, step=findings[0].step
+                ),
+                "writing the flight recorder",
+            )
+
+
+class MicroBatchSteps:
+    """``mon.step()`` called once per micro-batch (cadence.py): folding and regrouping."""
+
+    _micro: list
+    _cadence: Any
+    _acc: Any
+    _step: int
+
+    # -- micro-batches (cadence.py) --------------------------------------------------------
+    def _flush_micro(self) -> None:
+        """At close: the kept micro-batch calls of a ``"before"`` loop whose optimizer step
+        ran after the last ``step()`` are that last step."""
+        if (
+            self._micro
+            and self._cadence.placement == "before"
+            and self._opt_hook is not None
+            and self._opt_steps != self._opt_steps_seen
+        ):
+            call, self._micro = merge_calls(self._micro), []
+            self._record(call, None, True, "record")
+        self._micro = []
+
+    def _micro_confirmed(self) -> bool:
+        """Micro-batches, not a scaler's skips: no call without a step had inf/NaN gradients."""
+        flags, self._probation_bwd = self._probation_bwd, []
+        if not flags:
+            return True
+        dev = flags[0].device
+        return bool(
+            torch.stack([f.to(dev).reshape(()) for f in flags]).isfinite().all()
+        )  # host sync (once)
+
+    def _regroup(self) -> None:
+        groups = self._cadence.groups
+        self._acc.regroup(groups)
+        self._step = len(groups)
+        logger.warning(micro_batch_warning(self._cadence.period))
