@@ -57,7 +57,7 @@ def check(
     timeout: float = typer.Option(180.0, "--timeout", help="Stop after this many seconds."),
 ) -> None:
     """Find what is wrong with a model before training it (exit 0 ok, 1 errors, 2 cannot run)."""
-    from tdiag.debug.runner import check_command
+    from tdiag.debug.command import check_command  # torch-free: see tdiag.debug.worker
 
     code = check_command(
         target,

@@ -44,7 +44,7 @@ from tdiag.debug.context import (
     loss_from_output,
 )
 from tdiag.debug.probes import fastpath_off
-from tdiag.debug.usercode import LoadError, deadline, fail, user_traceback
+from tdiag.debug.usercode import LoadError, deadline, fail, parse_target, user_traceback
 
 __all__ = [
     "BATCH_NAMES",
@@ -63,14 +63,6 @@ logger = logging.getLogger(__name__)
 #: Factories looked up, in this order, when the target names none (Contract 1).
 FACTORY_NAMES = ("build_model", "get_model", "create_model")
 # -- target and import -----------------------------------------------------------------------
-
-
-def parse_target(target: str) -> tuple[Path, str | None]:
-    """Split ``PATH.py[:FACTORY]`` into the path and the factory name (or None)."""
-    path, sep, factory = target.rpartition(":")
-    if sep and factory.isidentifier() and path:
-        return Path(path), factory
-    return Path(target), None
 
 
 def _package_name(path: Path) -> str | None:
@@ -248,6 +240,36 @@ def _causal(module: ModuleType, model: nn.Module, no_causal: bool) -> bool:
     return True
 
 
+def _on_meta_device(model: nn.Module) -> list[str]:
+    """Names of the parameters and buffers that are meta tensors (shapes, no values)."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    return [name for name, t in tensors if t.is_meta]
+
+
+def _to_device(model: nn.Module, dev: torch.device, path: Path) -> nn.Module:
+    """``model.to(dev).eval()``; a model without values (built on the meta device) or one
+    that cannot be moved is a LoadError."""
+    meta = _on_meta_device(model)
+    if meta:
+        n = len([*model.parameters(), *model.buffers()])
+        raise LoadError(
+            f"cannot check the model of {path.name}: the model's parameters are on the meta "
+            f"device: they have no values ({len(meta)} of its {n} parameters and buffers, "
+            f"e.g. {meta[0]}); build it on cpu, or materialise it with to_empty() + init / "
+            "load_state_dict before checking.",
+            cause="meta-device",
+        )
+    try:
+        return model.to(dev).eval()
+    except Exception as exc:  # user code (a custom _apply/to), or out of device memory
+        raise fail(
+            "to-device",
+            f"cannot move the model of {path.name} to {dev}: {type(exc).__name__}: {exc}.",
+            exc,
+            path,
+        ) from None
+
+
 def load_target(
     target: str,
     *,
@@ -256,8 +278,14 @@ def load_target(
     seq_len: int | None = None,
     seed: int = 0,
     no_causal: bool = False,
+    on_phase: Callable[[str], None] | None = None,
 ) -> CheckContext:
     """Import the file, build the model and a batch, run one validating forward.
+
+    Args:
+        on_phase: called with what starts next ("importing model.py", "building the model
+            (build_model() in model.py)", ...), phrased to follow "while": ``tdiag check``
+            names it when the file hangs or ends the process.
 
     Returns:
         A CheckContext. When the batch holds token ids outside the vocabulary, the validating
@@ -267,16 +295,21 @@ def load_target(
     Raises:
         LoadError: the file cannot be loaded or run (see ``LoadError.cause``).
     """
+    phase = on_phase or (lambda what: None)
     path, factory_name = parse_target(target)
+    phase(f"importing {path.name}")
     module = import_user_file(path)
     factory, model, name = _find_factory(module, factory_name, path)
     if factory is not None:
+        phase(f"building the model ({name}() in {path.name})")
         model = _build(factory, name, path, seed)
     assert model is not None
     dev = torch.device(device)
-    model = model.to(dev).eval()
+    phase(f"moving the model to {dev}")
+    model = _to_device(model, dev, path)
     vocab = _vocab_size(model)
     pad_id = _pad_id(model)
+    phase(f"getting the batch from {path.name}")
     found = file_batch(module, path)
     if found is not None:
         raw, source = found
@@ -317,6 +350,7 @@ def load_target(
             "; a random batch: if the model takes fewer tokens, pass --seq-len N (or give it a "
             "config with max_seq_len / block_size)"
         )
+    phase(f"running the model's first forward pass and loss ({_call_shape(ctx)})")
     with fastpath_off(ctx.model):  # the path the checks take (see tdiag.debug.probes.fastpath_off)
         validate_forward(ctx, path, length_note=note)
     return ctx

@@ -1,40 +1,57 @@
 """The debugger: ``tdiag check model.py`` runs registered checks on a model before training.
 
-Importing this package registers every check family (one module per family). The families
-of team B2 are imported when present so that the package works while they are written.
+Looking up ``tdiag.debug.CHECKS`` (``from tdiag.debug import CHECKS``) imports every check
+family (one module per family, :data:`~tdiag.debug.registry.FAMILY_MODULES`), which imports
+torch. Importing the package itself does not: ``tdiag check`` starts the process that runs
+the checks before torch is imported (see :mod:`tdiag.debug.worker`), and the modules it needs
+for that (``command``, ``worker``, ``results``, ``usercode``, ``render``, ``registry``) are
+torch-free. The families of team B2 are imported when present so that the package works
+while they are written.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+from typing import TYPE_CHECKING, Any
 
-from tdiag.debug.context import CheckContext
-from tdiag.debug.registry import CHECKS, CheckSpec, SkipCheck, register_check
+if TYPE_CHECKING:
+    from tdiag.debug.context import CheckContext
+    from tdiag.debug.registry import CHECKS, CheckSpec, SkipCheck, register_check
 
 __all__ = ["CHECKS", "CheckContext", "CheckSpec", "SkipCheck", "register_check"]
 
 logger = logging.getLogger(__name__)
 
-#: The check modules, in the order their checks run (a module's checks name their family:
-#: ``label_leak`` and ``pad_loss`` hold checks of the "data" family).
-_FAMILIES = (
-    "data",
-    "pad_loss",
-    "label_leak",
-    "init",
-    "numerics",
-    "gradients",
-    "structure",
-    "attention",
-    "sanity",
-)
+_HOME = {
+    "CHECKS": "tdiag.debug.registry",
+    "CheckSpec": "tdiag.debug.registry",
+    "SkipCheck": "tdiag.debug.registry",
+    "register_check": "tdiag.debug.registry",
+    "CheckContext": "tdiag.debug.context",
+}
 
-for _family in _FAMILIES:
-    try:
-        importlib.import_module(f"tdiag.debug.{_family}")
-    except ModuleNotFoundError as _exc:
-        # only a family module that does not exist (yet) is tolerated, not a broken import inside it
-        if _exc.name != f"tdiag.debug.{_family}":
-            raise
-        logger.debug("check family %s not available", _family)
+
+def _import_families() -> None:
+    from tdiag.debug.registry import FAMILY_MODULES
+
+    for family in FAMILY_MODULES:
+        try:
+            importlib.import_module(f"tdiag.debug.{family}")
+        except ModuleNotFoundError as exc:
+            # only a family module that does not exist (yet) is tolerated, not a broken import
+            # inside it
+            if exc.name != f"tdiag.debug.{family}":
+                raise
+            logger.debug("check family %s not available", family)
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy (PEP 562), so that the torch-free modules of the package import without torch.
+    if name not in _HOME:
+        raise AttributeError(f"module 'tdiag.debug' has no attribute {name!r}")
+    if name == "CHECKS":
+        _import_families()
+    value = getattr(importlib.import_module(_HOME[name]), name)
+    globals()[name] = value  # looked up once
+    return value

@@ -129,6 +129,13 @@ def normalise_batch(raw: Any, source: str, path: Path) -> tuple[dict[str, Any], 
             "(and optionally 'attention_mask', 'labels').",
             cause="bad-batch",
         )
+    meta = [k for k, v in batch.items() if isinstance(v, torch.Tensor) and v.is_meta]
+    if meta:
+        raise LoadError(
+            f"bad batch: {', '.join(meta)} from {where} are on the meta device: they have no "
+            "values; return tensors on cpu (or the model's device).",
+            cause="bad-batch",
+        )
     ids = batch["input_ids"]
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise LoadError(

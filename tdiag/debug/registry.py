@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from tdiag.debug.context import CheckContext
     from tdiag.findings import Finding
 
-__all__ = ["CHECKS", "CheckFn", "CheckSpec", "SkipCheck", "register_check"]
+__all__ = ["CHECKS", "FAMILY_MODULES", "CheckFn", "CheckSpec", "SkipCheck", "register_check"]
 
 CheckFn = Callable[["CheckContext"], "list[Finding]"]
 
@@ -33,7 +33,7 @@ class CheckSpec:
         family: the family module ("data", "init", "numerics", "gradients", ...).
         title: one line saying what it looks for.
         fn: the check function.
-        order: registration order (the order the runner runs checks in).
+        order: registration order (checks of one module run in this order).
     """
 
     id: str
@@ -43,8 +43,31 @@ class CheckSpec:
     order: int
 
 
-#: Every registered check, in registration order.
+#: The modules of tdiag.debug that hold checks, in the order their checks run (a module's
+#: checks name their family: ``label_leak`` and ``pad_loss`` hold checks of the "data" family).
+FAMILY_MODULES = (
+    "data",
+    "pad_loss",
+    "label_leak",
+    "init",
+    "numerics",
+    "gradients",
+    "structure",
+    "attention",
+    "sanity",
+)
+
+#: Every registered check, in the order the runner runs them: the modules of
+#: :data:`FAMILY_MODULES` in that order (whichever was imported first), then any other
+#: module's checks; within a module, in registration order. Complete once ``tdiag.debug.CHECKS``
+#: has been looked up (that imports every family module).
 CHECKS: dict[str, CheckSpec] = {}
+
+
+def _rank(spec: CheckSpec) -> tuple[int, int]:
+    package, _, module = spec.fn.__module__.rpartition(".")
+    known = package == "tdiag.debug" and module in FAMILY_MODULES
+    return (FAMILY_MODULES.index(module) if known else len(FAMILY_MODULES), spec.order)
 
 
 def register_check(check_id: str, *, family: str, title: str) -> Callable[[CheckFn], CheckFn]:
@@ -62,6 +85,9 @@ def register_check(check_id: str, *, family: str, title: str) -> Callable[[Check
                 f"check id {check_id!r} is already registered by {CHECKS[check_id].fn.__module__}"
             )
         CHECKS[check_id] = CheckSpec(check_id, family, title, fn, len(CHECKS))
+        ordered = sorted(CHECKS.values(), key=_rank)  # the same order whatever imported first
+        CHECKS.clear()
+        CHECKS.update((s.id, s) for s in ordered)
         return fn
 
     return decorate

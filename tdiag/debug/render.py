@@ -15,7 +15,7 @@ from rich.table import Table
 from tdiag.findings import Finding, Severity
 
 if TYPE_CHECKING:
-    from tdiag.debug.runner import CheckRun
+    from tdiag.debug.results import CheckRun
 
 __all__ = ["format_evidence", "render_report"]
 
@@ -113,6 +113,8 @@ def render_report(run: CheckRun, *, target: str, console: Console) -> None:
         st: sum(r.status == st for r in run.results) for st in ("pass", "fail", "skipped", "error")
     }
     verdict = "[bold red]errors found[/]" if s["errors"] else "[bold green]no errors[/]"
+    if run.error is not None:  # stopped part-way: its cause follows on stderr
+        verdict = f"[bold red]incomplete[/], {'errors' if s['errors'] else 'no errors'} so far"
     console.print()
     console.print(
         f"{verdict}: {s['errors']} error(s), {s['warnings']} warning(s), {s['infos']} info · "

@@ -1,45 +1,49 @@
-"""Run the registered checks on a CheckContext, and the ``tdiag check`` command.
+"""Run the registered checks on a CheckContext.
 
 A check that raises is reported with status "error" and the message, never a crash; a
 check raising :class:`SkipCheck` is "skipped" with the reason. After each check the model's
 train/eval modes, ``requires_grad`` flags and ``.grad`` tensors are put back, so one check
-cannot change what the next one sees. When ``--timeout`` is reached in the middle of the
-checks, the finished checks keep their results, the running one is "error" ("timed out after
-N s") and the others are "skipped" ("not run: --timeout reached"); ``tdiag check`` prints them
-and exits 2.
+cannot change what the next one sees. When a :func:`~tdiag.debug.usercode.deadline` is
+reached in the middle of the checks, the finished checks keep their results, the running one
+is "error" ("timed out after N s") and the others are "skipped" ("not run: --timeout
+reached").
+
+The ``tdiag check`` command lives in :mod:`tdiag.debug.command` (re-exported here); it runs
+these functions in a separate process (:mod:`tdiag.debug.worker`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fnmatch
-import json
 import logging
 import os
-import random
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from tdiag.debug import CHECKS  # importing the package registers every family
+from tdiag.debug import CHECKS  # looking it up registers every family
+from tdiag.debug.command import check_command
 from tdiag.debug.context import CheckContext
 from tdiag.debug.probes import fastpath_off
 from tdiag.debug.registry import CheckSpec, SkipCheck
+from tdiag.debug.results import NOT_RUN_REASON, STATUSES, CheckResult, CheckRun
 from tdiag.debug.usercode import DeadlineExceeded
-from tdiag.findings import Finding, Severity, count_by_severity, sort_findings
+from tdiag.findings import Severity
 
-__all__ = ["CheckResult", "CheckRun", "check_command", "run_checks", "select_checks"]
+__all__ = [
+    "NOT_RUN_REASON",
+    "STATUSES",
+    "CheckResult",
+    "CheckRun",
+    "check_command",
+    "run_checks",
+    "select_checks",
+]
 
 logger = logging.getLogger(__name__)
-
-STATUSES = ("pass", "fail", "skipped", "error")
-
-#: Reason of the checks left out when ``--timeout`` was reached before they started.
-NOT_RUN_REASON = "not run: --timeout reached"
 
 #: On a CPU, models below this many parameters are checked with one intra-op thread (unless
 #: OMP_NUM_THREADS is set): their ops are too small to gain from threads, and on a busy
@@ -62,75 +66,6 @@ def _cpu_threads(ctx: CheckContext) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-@dataclass
-class CheckResult:
-    """The outcome of one check.
-
-    Attributes:
-        id: the check id.
-        status: "pass" (no warning/error finding), "fail" (at least one), "skipped" (did not
-            apply; ``message`` says why) or "error" (the check itself raised; ``message``).
-        seconds: wall time of the check.
-        findings: what it found (info findings do not make it fail).
-        message: reason for skipped/error, else "".
-    """
-
-    id: str
-    status: str
-    seconds: float
-    findings: list[Finding] = field(default_factory=list)
-    message: str = ""
-
-
-@dataclass
-class CheckRun:
-    """All results of one run, in the order the checks ran.
-
-    Attributes:
-        results: one per selected check.
-        seconds: wall time of the run.
-        meta: model and batch description.
-        timed_out: the :class:`DeadlineExceeded` that stopped the run (``--timeout`` reached
-            while ``timed_out_check`` was running), else None. The run is then incomplete.
-        timed_out_check: the id of the check that was running at the deadline.
-    """
-
-    results: list[CheckResult]
-    seconds: float = 0.0
-    meta: dict[str, Any] = field(default_factory=dict)
-    timed_out: DeadlineExceeded | None = None
-    timed_out_check: str | None = None
-
-    @property
-    def findings(self) -> list[Finding]:
-        """Every finding, worst first."""
-        return sort_findings(f for r in self.results for f in r.findings)
-
-    @property
-    def summary(self) -> dict[str, int]:
-        return count_by_severity(self.findings)
-
-    def to_json(self, target: str) -> dict[str, Any]:
-        """Contract 2's object for ``tdiag check --json``."""
-        from tdiag import __version__
-
-        out: dict[str, Any] = {
-            "tdiag_version": __version__,
-            "target": target,
-            "summary": self.summary,
-            "checks": [
-                {"id": r.id, "status": r.status, "seconds": round(r.seconds, 4)}
-                # an extra key (the contract allows additions): why skipped / errored
-                | ({"reason": r.message} if r.message else {})
-                for r in self.results
-            ],
-            "findings": [f.to_dict() for f in self.findings],
-        }
-        if self.timed_out is not None:  # extra key, only on an incomplete run (exit code 2)
-            out["timed_out"] = {"check": self.timed_out_check, "seconds": self.timed_out.seconds}
-        return out
 
 
 def _split(ids: str | Iterable[str] | None) -> list[str]:
@@ -240,6 +175,7 @@ def run_checks(
     skip: str | Iterable[str] | None = None,
     *,
     on_start: Callable[[CheckSpec, int, int], None] | None = None,
+    on_result: Callable[[CheckResult], None] | None = None,
 ) -> CheckRun:
     """Run the selected checks on ``ctx``.
 
@@ -247,6 +183,9 @@ def run_checks(
         ctx: the context (model, batch, ...).
         only, skip: see :func:`select_checks`.
         on_start: called as ``on_start(spec, index, total)`` before each check (progress).
+        on_result: called with each check's result as soon as it is known (the check
+            process of ``tdiag check`` sends it to the parent then, so that it is kept
+            whatever happens to the process later).
 
     Raises:
         ValueError: unknown ids in ``only``/``skip``.
@@ -262,6 +201,8 @@ def run_checks(
             if on_start is not None:
                 on_start(spec, i, len(specs))
             results.append(_run_one(spec, ctx))
+            if on_result is not None:
+                on_result(results[-1])
         except DeadlineExceeded as exc:  # --timeout: keep what finished, report the rest
             timed_out, timed_out_check = exc, spec.id
             seconds = time.perf_counter() - t_check
@@ -313,98 +254,3 @@ def _check_device(device: str) -> torch.device:
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
     return dev
-
-
-def check_command(
-    target: str,
-    *,
-    json_out: bool = False,
-    device: str = "cpu",
-    batch_size: int | None = None,
-    seq_len: int | None = None,
-    only: str | None = None,
-    skip: str | None = None,
-    seed: int = 0,
-    no_causal: bool = False,
-    timeout: float | None = 180.0,
-) -> int:
-    """``tdiag check``: load the file, run the checks, print the report or the JSON.
-
-    Returns:
-        0 when no error-level finding, 1 when at least one, 2 when the file could not be
-        loaded or run, or the options are invalid (message on stderr).
-    """
-    from rich.console import Console
-
-    from tdiag.debug import render
-    from tdiag.debug.usercode import where_stuck
-    from tdiag.loading import LoadError, deadline, load_target, parse_target
-
-    err = Console(stderr=True, highlight=False)
-    try:
-        dev = _check_device(device)
-        select_checks(only, skip)  # validate the ids before spending time on loading
-        for name, value in (("--batch-size", batch_size), ("--seq-len", seq_len)):
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-    except ValueError as exc:
-        err.print(f"[bold red]tdiag check:[/] {exc}", markup=True, soft_wrap=True)
-        return 2
-    random.seed(seed)
-    torch.manual_seed(seed)
-    path, _ = parse_target(target)
-    current = {"what": f"loading {path.name} (building the model, one forward pass)"}
-
-    def on_start(spec: CheckSpec, i: int, n: int) -> None:
-        current["what"] = f"running check {spec.id}"
-        if status is not None:
-            status.update(f"[{i + 1}/{n}] {spec.id}")
-
-    status = None
-    spinner = not json_out and err.is_terminal
-    try:
-        # --json: whatever the user's code prints goes to stderr, so stdout stays one JSON object
-        quiet = contextlib.redirect_stdout(sys.stderr) if json_out else contextlib.nullcontext()
-        with quiet, deadline(timeout, user_file=path, what=lambda: current["what"]):
-            if spinner:
-                status = err.status(f"loading {path.name}")
-                status.start()
-            try:
-                ctx = load_target(
-                    target,
-                    device=dev,
-                    batch_size=batch_size,
-                    seq_len=seq_len,
-                    seed=seed,
-                    no_causal=no_causal,
-                )
-                with _cpu_threads(ctx):
-                    run = run_checks(ctx, only, skip, on_start=on_start)
-            finally:
-                if status is not None:
-                    status.stop()
-    except LoadError as exc:
-        err.print("[bold red]tdiag check: error:[/] ", end="", markup=True)
-        err.print(str(exc), markup=False, highlight=False, soft_wrap=True)
-        return 2
-    if json_out:
-        sys.stdout.write(json.dumps(run.to_json(target), allow_nan=False) + "\n")
-        sys.stdout.flush()
-    else:
-        render.render_report(run, target=target, console=Console(highlight=False))
-    if run.timed_out is not None:
-        # the file could not be fully run: Contract 1's exit code 2, with the finished checks'
-        # results printed above (stdout) and the cause on stderr
-        done = sum(r.status in ("pass", "fail") for r in run.results)
-        exc = LoadError(
-            f"stopped after {run.timed_out.seconds:g} s (--timeout) while running check "
-            f"{run.timed_out_check}; {done} check(s) finished and are reported, the others were "
-            "not run. A forward pass that never returns (an endless loop?) is the usual cause. "
-            "A model that is only slow: raise --timeout, or --skip the slow check.",
-            cause="timeout",
-            user_traceback=where_stuck(run.timed_out, path),
-        )
-        err.print("[bold red]tdiag check: error:[/] ", end="", markup=True)
-        err.print(str(exc), markup=False, highlight=False, soft_wrap=True)
-        return 2
-    return 1 if run.summary["errors"] else 0

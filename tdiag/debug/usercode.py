@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import re
 import signal
 import threading
 import time
@@ -21,7 +22,16 @@ from types import FrameType
 
 from tdiag.findings import TdiagError
 
-__all__ = ["DeadlineExceeded", "LoadError", "deadline", "fail", "user_traceback", "where_stuck"]
+__all__ = [
+    "DeadlineExceeded",
+    "LoadError",
+    "deadline",
+    "fail",
+    "parse_target",
+    "user_traceback",
+    "where_stuck",
+    "where_stuck_in_dump",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +44,11 @@ class LoadError(TdiagError):
 
     Attributes:
         cause: a short stable key: missing-file, not-python, syntax-error, import-error,
-            no-factory, factory-raised, not-a-module, no-vocab, batch-raised, bad-batch,
-            forward-raised, bad-output, loss-raised, bad-loss, exit-called, timeout.
+            no-factory, factory-raised, not-a-module, meta-device, to-device, no-vocab,
+            batch-raised, bad-batch, forward-raised, bad-output, loss-raised, bad-loss,
+            exit-called, timeout; and, from the check process of ``tdiag check``:
+            process-ended (``os._exit``), process-killed (a signal: a native crash, the
+            out-of-memory killer), internal-error (a bug in tdiag).
         message: one paragraph naming the cause.
         user_traceback: the user's frames of the traceback ("" when none).
     """
@@ -66,6 +79,14 @@ class DeadlineExceeded(BaseException):
     def __init__(self, seconds: float) -> None:
         super().__init__(f"timed out after {seconds:g} s")
         self.seconds = seconds
+
+
+def parse_target(target: str) -> tuple[Path, str | None]:
+    """Split ``PATH.py[:FACTORY]`` into the path and the factory name (or None)."""
+    path, sep, factory = target.rpartition(":")
+    if sep and factory.isidentifier() and path:
+        return Path(path), factory
+    return Path(target), None
 
 
 # -- traceback filtering ---------------------------------------------------------------------
@@ -177,4 +198,37 @@ def where_stuck(exc: BaseException, user_file: Path | None) -> str:
     ]
     if not frames:
         return ""
+    return "Where it was running (your code only):\n" + "".join(traceback.format_list(frames[-5:]))
+
+
+#: A frame line of a :mod:`faulthandler` dump: ``  File "/x/model.py", line 12 in forward``.
+_DUMP_FRAME = re.compile(r'^\s+File "(?P<file>.+)", line (?P<line>\d+) in (?P<name>.+)$')
+
+
+def where_stuck_in_dump(dump: str, thread: int, user_file: Path) -> str:
+    """The last user frames of thread ``thread`` in a :mod:`faulthandler` dump (written by
+    the check process at its deadline, or when it crashed), formatted as :func:`where_stuck`
+    does; "" when the dump has none.
+
+    Args:
+        dump: the text faulthandler wrote (threads, most recent call first).
+        thread: the ident (``threading.get_ident()``) of the thread to read, the main one.
+        user_file: the model file; frames in its folder (not tdiag's, not site-packages) count.
+    """
+    user_dir = user_file.resolve().parent
+    header = re.compile(rf"^(Current thread|Thread) 0x0*{thread:x} ")
+    frames: list[traceback.FrameSummary] = []
+    inside = False
+    for line in dump.splitlines():
+        if line.startswith(("Current thread", "Thread ")):
+            inside = bool(header.match(line))
+            if inside:  # a later dump of the thread (a crash after the deadline's) replaces it
+                frames = []
+            continue
+        m = _DUMP_FRAME.match(line) if inside else None
+        if m and _is_user_frame(m["file"], user_dir):
+            frames.append(traceback.FrameSummary(m["file"], int(m["line"]), m["name"]))
+    if not frames:
+        return ""
+    frames.reverse()  # faulthandler: most recent call first; tracebacks: last
     return "Where it was running (your code only):\n" + "".join(traceback.format_list(frames[-5:]))
