@@ -189,7 +189,7 @@ def build_report_safely(
     """``tdiag.report.build_report(run_dir)`` when it exists; a failure is logged, never raised.
     ``console``: a rich Console for the report's short terminal summary (None: no summary).
 
-    ``deadline`` (a ``time.monotonic()`` value): build in a daemon thread and stop waiting
+    ``deadline`` (a ``time.monotonic()`` value): build in a child process and stop waiting
     then (after SIGTERM the process must be gone before torchrun's / Slurm's SIGKILL). The
     report files are written by temp file + rename, so an unfinished build leaves none torn.
 
@@ -215,19 +215,42 @@ def build_report_safely(
     if deadline is None:
         build()
         return bool(done)
-    import threading
+    return _build_in_child(run_dir, deadline)
 
-    worker = threading.Thread(target=build, name="tdiag-report", daemon=True)
-    worker.start()
-    worker.join(max(0.0, deadline - time.monotonic()))
-    if worker.is_alive():
+
+def _build_in_child(run_dir: Path, deadline: float) -> bool:
+    """``tdiag report RUN_DIR`` in a child process of its own session: waited for until
+    ``deadline``, then left to finish on its own (it is not in the job's process group, so
+    the scheduler's kill of the training processes does not take it; if it is killed anyway,
+    the report files are never torn). A thread would be cut down at interpreter exit,
+    sometimes in C++ code (an abort); a process is not."""
+    import subprocess
+    import sys
+
+    try:
+        with open(Path(run_dir) / "report.log", "wb") as log:  # its output, not our pipes
+            child = subprocess.Popen(
+                [sys.executable, "-m", "tdiag.cli", "report", str(run_dir)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+    except OSError as exc:
         logger.warning(
-            "tdiag: the report was not finished in time after the signal; run "
-            "`tdiag report %s` to build it",
+            "tdiag: could not start the report (%s); run `tdiag report %s`", exc, run_dir
+        )
+        return False
+    try:
+        return child.wait(timeout=max(0.0, deadline - time.monotonic())) in (0, 1)
+    except subprocess.TimeoutExpired:
+        logger.warning(
+            "tdiag: the report is still being built (process %d) after the signal; it "
+            "completes on its own, or run `tdiag report %s`",
+            child.pid,
             run_dir,
         )
         return False
-    return bool(done)
 
 
 def input_info(module: nn.Module, args: Any, kwargs: Any) -> dict[str, Any]:

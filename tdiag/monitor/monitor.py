@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 
 # After SIGTERM/SIGINT the report gets this long from the signal (torchrun and Slurm send
 # SIGKILL 30 s after SIGTERM; the exit is held to ~5 s: history and meta.json come first).
-SIGNAL_REPORT_BUDGET_S = 3.0
+SIGNAL_REPORT_BUDGET_S = 2.5
 
 
 def _signal_name(signum: int) -> str:
@@ -523,7 +523,8 @@ class Monitor(LogSteps, MicroBatchSteps, CallbackAliases):
                 if deadline is not None and not built:
                     self.end_detail["report"] = (
                         f"incomplete: not built within {SIGNAL_REPORT_BUDGET_S:g} s of the "
-                        f"signal; `tdiag report {self.run_dir}` builds it"
+                        "signal (a background process goes on with it, see report.log); "
+                        f"`tdiag report {self.run_dir}` builds it"
                     )
                     guarded(lambda: write_end_meta(self), "updating meta.json")
         self._signals.restore()
