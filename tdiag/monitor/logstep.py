@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from tdiag.monitor import alerts
+from tdiag.monitor.alerts import NonFiniteError
 from tdiag.monitor.cadence import merge_calls, micro_batch_warning
 from tdiag.monitor.distributed import gather_rows, step_time_metrics
 from tdiag.monitor.metrics import DeviceBatch, learning_rates, summarize_interval
@@ -207,6 +208,40 @@ class LogSteps:
                 ),
                 "writing the flight recorder",
             )
+
+    def _strict_check(self, loss: Any, grad_norm: Any) -> None:
+        skipped = self._skipped
+        if skipped is True:  # the optimizer skipped the step: inf/NaN grads are the scaler's
+            grad_norm = None
+        flags = []
+        for value in (loss, grad_norm):
+            if isinstance(value, torch.Tensor):
+                flags.append(torch.isfinite(value.detach().float().sum()).reshape(()))
+            elif value is not None:
+                flags.append(torch.tensor(math.isfinite(float(value))))
+        if not flags:
+            return
+        if isinstance(skipped, torch.Tensor) and isinstance(grad_norm, torch.Tensor):
+            flags[-1] = flags[-1] | (skipped.to(flags[-1].device).reshape(()) > 0)
+        dev = flags[0].device
+        if bool(torch.stack([f.to(dev) for f in flags]).all()):  # host sync (strict: per step)
+            return
+        metrics = guarded(lambda: self._log_step(final=True), "logging the non-finite step") or {}
+        self._finish(None)
+        raise NonFiniteError(
+            f"non-finite loss or gradient norm at step {self._step} (strict=True): "
+            f"loss={metrics.get('train/loss_last')}, grad_norm={metrics.get('train/grad_norm')}"
+        )
+
+    def _on_signal(self) -> None:
+        if self._signal_step is None:
+            self._signal_step = self._step
+            logger.warning(
+                "tdiag: signal %s received; flushing (stop_requested is set)", self._signals.signum
+            )
+            guarded(lambda: self._log_step(final=True), "flushing after a signal")
+            return
+        self.close()  # the loop went on: finish and exit with 128 + signum
 
 
 class MicroBatchSteps:

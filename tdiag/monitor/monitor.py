@@ -12,7 +12,6 @@ turned into metrics, and written by the sinks (rank 0 only). The logic lives in
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -438,40 +437,6 @@ class Monitor(LogSteps, MicroBatchSteps, CallbackAliases):
     def global_step(self) -> int:
         """Steps recorded so far (the ``step`` of the last history row logged by ``step()``)."""
         return self._step
-
-    def _strict_check(self, loss: Any, grad_norm: Any) -> None:
-        skipped = self._skipped
-        if skipped is True:  # the optimizer skipped the step: inf/NaN grads are the scaler's
-            grad_norm = None
-        flags = []
-        for value in (loss, grad_norm):
-            if isinstance(value, torch.Tensor):
-                flags.append(torch.isfinite(value.detach().float().sum()).reshape(()))
-            elif value is not None:
-                flags.append(torch.tensor(math.isfinite(float(value))))
-        if not flags:
-            return
-        if isinstance(skipped, torch.Tensor) and isinstance(grad_norm, torch.Tensor):
-            flags[-1] = flags[-1] | (skipped.to(flags[-1].device).reshape(()) > 0)
-        dev = flags[0].device
-        if bool(torch.stack([f.to(dev) for f in flags]).all()):  # host sync (strict: per step)
-            return
-        metrics = guarded(lambda: self._log_step(final=True), "logging the non-finite step") or {}
-        self._finish(None)
-        raise NonFiniteError(
-            f"non-finite loss or gradient norm at step {self._step} (strict=True): "
-            f"loss={metrics.get('train/loss_last')}, grad_norm={metrics.get('train/grad_norm')}"
-        )
-
-    def _on_signal(self) -> None:
-        if self._signal_step is None:
-            self._signal_step = self._step
-            logger.warning(
-                "tdiag: signal %s received; flushing (stop_requested is set)", self._signals.signum
-            )
-            guarded(lambda: self._log_step(final=True), "flushing after a signal")
-            return
-        self.close()  # the loop went on: finish and exit with 128 + signum
 
     # -- shutdown --------------------------------------------------------------------------
     def _finish(self, exc: BaseException | None) -> None:
