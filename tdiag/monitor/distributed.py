@@ -124,8 +124,9 @@ def step_time_metrics(
     even out across ranks; a rank's *own* time does not: ``dist/data_time/<r>`` (mean time
     from ``step()`` to the next forward, per step) and ``dist/compute_time/<r>`` (the log
     step's forward, see timing.py), with their ``_max`` / ``_min`` over ranks.
-    ``dist/slowest_rank``: the rank with the largest data + compute time when those were
-    measured, else the one with the largest step time.
+    ``dist/slowest_rank``: the rank with the largest data + compute time when those differ
+    across ranks more than the step times do (DDP evens step times out), else the one with
+    the largest step time.
     """
     n = len(step_time_per_rank)
     if n < 2:
@@ -150,7 +151,10 @@ def step_time_metrics(
                 own[r] += float(v)
         out[f"dist/{name}_max"] = max(finite)
         out[f"dist/{name}_min"] = min(finite)
-    if measured:
+    # The rank that makes the others wait: by own time under a collective that evens step
+    # times out (DDP), by step time where step times differ more (no gradient sync).
+    step_spread = max(step_time_per_rank) - min(step_time_per_rank)
+    if measured and max(own) - min(own) > step_spread:
         slowest = max(range(n), key=lambda r: own[r])
     out["dist/slowest_rank"] = float(slowest)
     return out
