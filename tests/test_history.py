@@ -4,6 +4,8 @@ import math
 import pytest
 
 from tdiag.history import (
+    HISTORY_SCHEMA,
+    SCHEMA_KEY,
     HistoryReadError,
     HistoryWriter,
     read_events,
@@ -28,6 +30,35 @@ def test_writer_lines_are_strict_json_and_read_back(tmp_path):
     assert stats.rows == 3 and stats.nonfinite_values == 2 and stats.garbage == 0
 
 
+def test_writer_stamps_the_format_on_its_first_row_only(tmp_path):
+    path = tmp_path / "history.jsonl"
+    for start in (1, 3):  # a run, then its resumption: each writer states the format once
+        with HistoryWriter(path) as w:
+            w.write({"step": start, "train/loss": 1.0})
+            w.write({"step": start + 1, "train/loss": 2.0, SCHEMA_KEY: 7})  # reserved: dropped
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r.get(SCHEMA_KEY) for r in rows] == [HISTORY_SCHEMA, None, HISTORY_SCHEMA, None]
+    assert list(rows[0]) == ["step", "train/loss", SCHEMA_KEY]  # step stays first
+    df, stats = read_history(path)
+    assert list(df.columns) == ["step", "train/loss"] and stats.schema == 1
+    assert not stats.problems
+
+
+def test_writer_after_a_torn_last_line_keeps_its_first_row(tmp_path):
+    path = tmp_path / "history.jsonl"
+    path.write_text('{"step": 1, "train/loss": 1.0}\n{"step": 2, "train/lo')  # disk was full
+    with HistoryWriter(path) as w:
+        assert path.read_bytes().endswith(b"lo")  # nothing written before the first row
+        w.write({"step": 2, "train/loss": 2.0})
+        w.write({"step": 3, "train/loss": 3.0})
+    df, stats = read_history(path)
+    assert df["step"].tolist() == [1, 2, 3] and df["train/loss"].tolist() == [1.0, 2.0, 3.0]
+    assert stats.garbage == 1 and stats.garbage_line_numbers == [2] and not stats.torn_last_line
+    with HistoryWriter(path) as w:  # a file that ends with its newline gets none added
+        w.write({"step": 4})
+    assert b"\n\n" not in path.read_bytes()
+
+
 def test_writer_requires_step(tmp_path):
     with HistoryWriter(tmp_path / "h.jsonl") as w, pytest.raises(ValueError, match="step"):
         w.write({"train/loss": 1.0})
@@ -47,10 +78,13 @@ def test_reader_tolerates_bare_tokens_garbage_and_torn_line(tmp_path):
     df, stats = read_history(path)
     assert list(df["step"]) == [0, 1]
     assert math.isnan(df["train/loss"].iloc[0]) and df["train/loss"].iloc[1] == math.inf
-    assert df["note"].iloc[1] == "hi"
+    assert "note" not in df.columns  # a string is not a number: dropped, counted
+    assert stats.non_numeric == 1 and stats.non_numeric_keys == {"note": 1}
     assert stats.torn_last_line and stats.garbage == 3 and stats.no_step == 1 and stats.blank == 1
+    assert stats.nonfinite_values == 2
     text = " ".join(stats.problems)
     assert "cut off" in text and "not valid JSON" in text and "no numeric 'step'" in text
+    assert "1 value(s) were not numbers and were dropped (note: 1)" in stats.problems
 
 
 def test_reader_resumed_run_keeps_latest_values(tmp_path):
@@ -106,5 +140,9 @@ def test_atomic_json_and_events(tmp_path):
     write_json_atomic(tmp_path / "meta.json", {"x": math.nan})
     assert json.loads((tmp_path / "meta.json").read_text()) == {"x": "NaN"}
     assert [p.name for p in tmp_path.iterdir()] == ["meta.json"]  # no temp file left
-    (tmp_path / "events.jsonl").write_text('{"id": "a", "v": "Infinity"}\nbroken\n')
-    assert read_events(tmp_path) == [{"id": "a", "v": math.inf}]
+    (tmp_path / "events.jsonl").write_bytes(
+        b'{"id": "a", "v": "Infinity"}\nbroken\n{"id": "b\xff"}\n'
+        b'{"id": "c", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}\n"  # RecursionError: skipped
+    )
+    assert [e["id"] for e in read_events(tmp_path)] == ["a"]  # not UTF-8, too deep: skipped
+    assert read_events(tmp_path)[0] == {"id": "a", "v": math.inf}

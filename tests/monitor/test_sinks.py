@@ -176,11 +176,17 @@ def test_jsonl_rows_are_strict_json_with_step_time_and_metrics(tmp_path):
     sink.close()
     lines = (tmp_path / "history.jsonl").read_text().splitlines()
     strict = [json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c}")) for line in lines]
-    assert strict[0] == {"step": 10, "time": 1764374400.5, "train/loss": 2.5, "train/lr": 3e-4}
+    assert strict[0] == {
+        "step": 10,
+        "time": 1764374400.5,
+        "train/loss": 2.5,
+        "train/lr": 3e-4,
+        "tdiag_history": 1,  # the format version, on a writer's first row (tdiag/history.py)
+    }
     assert strict[1]["train/loss"] == "NaN"
     assert strict[1]["train/grad_norm"] == "Infinity"
     assert strict[1]["x"] == "-Infinity"
-    assert list(strict[0]) == ["step", "time", "train/loss", "train/lr"]  # step, time first
+    assert list(strict[0]) == ["step", "time", "train/loss", "train/lr", "tdiag_history"]
     df, stats = read_history(tmp_path)
     assert stats.problems == ["3 non-finite value(s) (NaN/Inf)"]
     assert df["step"].tolist() == [10, 20, 20]
@@ -268,4 +274,5 @@ def test_jsonl_step_argument_wins_over_a_step_metric(tmp_path):
         "step": 7,
         "time": 5.0,
         "train/loss": 1.0,
+        "tdiag_history": 1,
     }
