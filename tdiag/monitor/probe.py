@@ -194,42 +194,31 @@ class GradientProbe:
             return  # the measured step is over: a later backward belongs to the next one
 
         def run() -> None:
-            with_grad = [p for p in self._model_params if p.grad is not None]
-            if not with_grad:
-                return
-            grads = [p.grad for p in with_grad]
-            self.sharded = any(is_sharded(g) for g in grads)
-            sq = local_sq_norm(grads)
-            if sq is None:
-                return
-            self.values["bwd_sq"] = sq
-            self.backwards += 1
-            if self.per_tensor:
-                self.tensor_names = [self._names.get(id(p), "?") for p in with_grad]
-                self.values["bwd_sq_per_tensor"] = per_tensor_sq_norms(
-                    [to_local(g).detach() for g in grads]
-                )
+            if self.measure_grads(self._model_params, key="bwd_sq"):
+                self.backwards += 1
 
         self._guard(run)
 
     # -- measurement -----------------------------------------------------------------------
-    def measure_grads(self, params: Sequence[torch.Tensor], *, key: str = "grad_sq") -> None:
-        """Measure the gradients of ``params`` now (at the optimizer step, or at the log step
-        when no optimizer hook fired)."""
+    def measure_grads(self, params: Sequence[torch.Tensor], *, key: str = "grad_sq") -> bool:
+        """Measure the gradients of ``params`` now into ``values[key]`` (``bwd_sq`` at the end
+        of backward, ``grad_sq`` at the optimizer step or the log step). Per-tensor norms
+        come from the end of backward when it was measured. Returns whether it measured."""
         with_grad = [p for p in params if p.grad is not None]
         if not with_grad:
-            return
+            return False
         grads = [p.grad for p in with_grad]
         self.sharded = any(is_sharded(g) for g in grads)
         sq = local_sq_norm(grads)
         if sq is None:
-            return
+            return False
         self.values[key] = sq
-        if self.per_tensor and "bwd_sq_per_tensor" not in self.values:
+        if self.per_tensor and (key == "bwd_sq" or "bwd_sq_per_tensor" not in self.values):
             self.tensor_names = [self._names.get(id(p), "?") for p in with_grad]
             self.values[f"{key}_per_tensor"] = per_tensor_sq_norms(
                 [to_local(g).detach() for g in grads]
             )
+        return True
 
     def _guard(self, fn: Any) -> None:
         try:
