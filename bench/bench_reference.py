@@ -20,12 +20,17 @@ import argparse
 import json
 import math
 import statistics
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# the checkout's reference_model/ (an install ships it as tdiag.reference_model only)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from reference_model.config import ModelConfig
 from reference_model.model import Transformer

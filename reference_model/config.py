@@ -1,4 +1,5 @@
-"""Configuration of the reference Transformer.
+"""Configuration of the reference Transformer (:class:`ModelConfig`) and of its training loop
+(:class:`TrainConfig`).
 
 Every component of the model is switchable here, so that tdiag's checks can be shown on
 each variant (and each deliberate fault can be planted by flipping one field).
@@ -6,7 +7,8 @@ each variant (and each deliberate fault can be planted by flipping one field).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 BYTE_VOCAB = 256
 PAD_ID = 256
@@ -122,3 +124,124 @@ class ModelConfig:
         if scale is None:
             scale = self.pos_encoding == "sinusoidal"
         return self.d_model**0.5 if scale else 1.0
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Every flag of the training loop (``python -m reference_model.train --help``)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    # data
+    data: str | None = _f(None, "Text file or folder; default: the Python standard library source.")
+    data_max_bytes: int = _f(3_000_000, "Read at most this many bytes of corpus.")
+    batching: str = _f(
+        "chunks", "'chunks' (fixed-length stream chunks) or 'documents' (padded, bucketed)."
+    )
+    bucket: bool = _f(True, "Length-bucketing sampler in 'documents' mode.")
+    seq_len: int | None = _f(None, "Training sequence length; default: model.max_seq_len.")
+    batch_size: int = _f(16, "Sequences per micro-batch (per rank).")
+    grad_accum: int = _f(1, "Micro-batches per optimizer step.")
+    # optimisation
+    steps: int = _f(200, "Optimizer steps.")
+    lr: float = _f(1e-3, "Peak learning rate.")
+    min_lr_ratio: float = _f(0.1, "Cosine schedule floor, as a fraction of lr.")
+    schedule: str = _f(
+        "cosine", "'cosine' (linear warmup then cosine), 'noam' (inverse sqrt), 'constant'."
+    )
+    warmup_steps: int = _f(20, "Linear warmup steps.")
+    weight_decay: float = _f(0.1, "AdamW weight decay (not applied to norms, biases, embeddings).")
+    beta1: float = _f(0.9, "AdamW beta1.")
+    beta2: float = _f(0.95, "AdamW beta2.")
+    eps: float = _f(1e-8, "AdamW epsilon.")
+    grad_clip: float = _f(1.0, "Clip the global gradient norm to this; 0 = no clipping.")
+    label_smoothing: float = _f(0.0, "Label smoothing of the cross-entropy.")
+    precision: str = _f(
+        "fp32", "'fp32', 'bf16' (autocast, CPU or CUDA) or 'fp16' (CUDA, GradScaler)."
+    )
+    mlm_prob: float = _f(
+        0.15, "Encoder (causal=False) only: fraction of tokens corrupted to predict."
+    )
+    # evaluation, stopping, checkpoints
+    eval_every: int = _f(
+        50, "Evaluate on the validation split every N steps (0 = only at the end)."
+    )
+    eval_batches: int = _f(8, "Validation batches per evaluation.")
+    early_stopping_patience: int = _f(0, "Stop after N evaluations without improvement (0 = off).")
+    early_stopping_min_delta: float = _f(0.0, "Improvement smaller than this does not count.")
+    out_dir: str | None = _f(None, "Run folder (checkpoints); None = write nothing.")
+    checkpoint_every: int = _f(
+        0, "Write a checkpoint every N steps (0 = only at the end, if out_dir)."
+    )
+    resume: bool = _f(False, "Resume from out_dir/checkpoint.pt when it exists.")
+    # runtime
+    device: str = _f("auto", "'auto', 'cpu' or 'cuda'.")
+    seed: int = _f(0, "Random seed.")
+    log_every: int = _f(10, "Log (one host sync) every N steps.")
+    quiet: bool = _f(False, "No progress output.")
+
+    def __post_init__(self) -> None:
+        positive = (
+            "batch_size",
+            "grad_accum",
+            "steps",
+            "log_every",
+            "eval_batches",
+            "data_max_bytes",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if self.batching not in ("chunks", "documents"):
+            raise ValueError(f"batching must be 'chunks' or 'documents', got {self.batching!r}")
+        if self.schedule not in ("cosine", "noam", "constant"):
+            raise ValueError(
+                f"schedule must be 'cosine', 'noam' or 'constant', got {self.schedule!r}"
+            )
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be 'fp32', 'bf16' or 'fp16', got {self.precision!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+        non_negative = (
+            "grad_clip",
+            "warmup_steps",
+            "eval_every",
+            "weight_decay",
+            "early_stopping_patience",
+            "early_stopping_min_delta",
+        )
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("beta1", "beta2", "min_lr_ratio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
+        if self.eps <= 0:
+            raise ValueError(f"eps must be > 0, got {self.eps!r}")
+        if not 0.0 < self.mlm_prob < 1.0:
+            raise ValueError(f"mlm_prob must be in (0, 1), got {self.mlm_prob!r}")
+        if (self.resume or self.checkpoint_every) and not self.out_dir:
+            raise ValueError("resume and checkpoint_every need out_dir (where checkpoints live)")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every!r}")
+        if self.seq_len is not None and self.seq_len < 2:
+            raise ValueError(f"seq_len must be >= 2, got {self.seq_len!r}")
+        if (
+            self.seq_len is not None
+            and self.seq_len > self.model.max_seq_len
+            and (self.model.pos_encoding == "learned")
+        ):
+            raise ValueError(
+                f"seq_len {self.seq_len} > max_seq_len {self.model.max_seq_len} with learned positions"
+            )
+
+    @property
+    def train_seq_len(self) -> int:
+        return self.seq_len or self.model.max_seq_len

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from reference_model.config import PAD_ID
+from .config import PAD_ID
 
 logger = logging.getLogger(__name__)
 

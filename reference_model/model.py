@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from reference_model.config import ModelConfig
+from .config import ModelConfig
 
 CAUSAL = True
 IGNORE_INDEX = -100
@@ -485,6 +485,6 @@ def build_model(cfg: ModelConfig | None = None) -> Transformer:
 
 def get_batch(batch_size: int = 8, seq_len: int = 128) -> dict[str, Tensor]:
     """A batch of real text (Python standard library source, validation split)."""
-    from reference_model.data import chunk_batch_from_corpus
+    from .data import chunk_batch_from_corpus
 
     return chunk_batch_from_corpus(batch_size=batch_size, seq_len=seq_len)

@@ -146,3 +146,51 @@ def test_atomic_json_and_events(tmp_path):
     )
     assert [e["id"] for e in read_events(tmp_path)] == ["a"]  # not UTF-8, too deep: skipped
     assert read_events(tmp_path)[0] == {"id": "a", "v": math.inf}
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["orjson", "json"])
+def test_plain_rows_read_back_exactly_whichever_encoder(tmp_path, monkeypatch, fast):
+    """The writer's fast path (orjson, for rows of plain finite values) and the json path
+    give the same values back, bit for bit; what orjson refuses falls back to json."""
+    import random
+    import struct
+
+    import tdiag.history.writer as writer
+
+    if fast:
+        pytest.importorskip("orjson")
+    else:
+        monkeypatch.setattr(writer, "_fast_dumps", None)
+    rng = random.Random(7)
+    rows = []
+    for step in range(1, 301):
+        bits = struct.unpack("<d", struct.pack("<Q", rng.getrandbits(64)))[0]
+        row = {
+            "step": step,
+            "time": 1.7e9 + step / 3,
+            "a": rng.random() * 10 ** rng.randint(-300, 300),
+        }
+        row["bits"] = bits if math.isfinite(bits) else 0.5
+        row.update({"neg0": -0.0, "tiny": 5e-324, "big": 1.7976931348623157e308, "n": 2**63 - 1})
+        row["é/名"] = float(step)  # raw UTF-8 with orjson, \u escapes with json
+        rows.append(row)
+    rows.append({"step": 301, "huge": 2**70})  # beyond 64 bits: orjson refuses, json writes it
+    rows.append({"step": 302, "bad\ud800": 1.0, "ok": 2.0})  # a lone surrogate: json only
+    path = tmp_path / "history.jsonl"
+    with HistoryWriter(path) as w:
+        for r in rows:
+            w.write(r)
+    lines = path.read_bytes().split(b"\n")
+    assert len(lines) == len(rows) + 1 and lines[-1] == b""
+    back = [json.loads(x) for x in lines[:-1]]
+    for r, b in zip(rows[:300], back, strict=False):
+        b.pop(SCHEMA_KEY, None)
+        assert b == r
+        assert all(
+            struct.pack("<d", b[k]) == struct.pack("<d", r[k]) for k in ("a", "bits", "neg0")
+        )
+    assert back[300]["huge"] == 2**70 and back[301]["ok"] == 2.0
+    df, stats = read_history(path)
+    assert df["é/名"].iloc[:300].tolist() == [float(s) for s in range(1, 301)]
+    assert stats.bad_keys == 1 and not stats.non_numeric  # the surrogate name is dropped
+    assert df["huge"].iloc[300] == float(2**70)

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_history_reference import assert_reads_like_reference, reference_read
 
-import tdiag.history as history
+import tdiag.history.reader as history
 from tdiag.history import HistoryReadError, HistorySchemaError, read_history
 
 EXAMPLES = int(os.environ.get("TDIAG_FUZZ_EXAMPLES", "2000"))

@@ -12,6 +12,7 @@ import pytest
 from test_history_reference import assert_reads_like_reference, reference_read
 
 import tdiag.history as history
+import tdiag.history.reader as history_reader
 from tdiag.history import read_history
 from tdiag.report import report_command
 
@@ -86,11 +87,27 @@ def test_dropped_values_are_told_apart_from_logged_nans(tmp_path):
     assert np.isnan(df["train/loss"].to_numpy()[[3, 5, 7]]).all()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="report side: analyses.nonfinite_steps reads every NaN beside a companion as logged; "
-    "it needs ReadStats.dropped_rows to skip the dropped cells (see docs/reliability.md)",
-)
+def test_the_rules_skip_dropped_cells_but_find_a_logged_nan(tmp_path):
+    """The frame carries ``ReadStats.dropped_rows`` (``attrs[DROPPED_ATTR]``); the loss
+    rule skips those cells, and still finds a NaN that was written as one (the case with
+    the bug and the one without, on the same history)."""
+    from tdiag.report.rules import evaluate
+
+    rows = [{"step": s, "train/loss": 3.0 - s / 100, "train/lr": 1e-3} for s in range(1, 101)]
+    for r in rows[9::10]:
+        r["train/loss"] = {"mean": 2.1}
+    path = tmp_path / "history.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    df, _ = read_history(path)
+    assert df.attrs[history.DROPPED_ATTR] == {"train/loss": tuple(range(9, 100, 10))}
+    assert "train.nonfinite-loss" not in {f.id for f in evaluate(df, {}, []).findings}
+    rows[20]["train/loss"] = "NaN"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    df, _ = read_history(path)
+    found = [f for f in evaluate(df, {}, []).findings if f.id == "train.nonfinite-loss"]
+    assert len(found) == 1 and found[0].step == 21
+
+
 def test_the_report_finds_no_nan_loss_where_values_were_dropped(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
@@ -116,11 +133,11 @@ def test_two_objects_on_a_line_are_garbage_whatever_the_neighbours(tmp_path, nei
     path = tmp_path / "history.jsonl"
     path.write_text(text)
     for block in (1 << 22, 97):
-        saved, history._BLOCK_BYTES = history._BLOCK_BYTES, block
+        saved, history_reader._BLOCK_BYTES = history_reader._BLOCK_BYTES, block
         try:
             df, stats = read_history(path, dedupe_resumed=False)
         finally:
-            history._BLOCK_BYTES = saved
+            history_reader._BLOCK_BYTES = saved
         assert_reads_like_reference(df, stats, reference_read(text.encode(), dedupe_resumed=False))
         assert stats.garbage_line_numbers[:3] == [61, 62, 63]
 

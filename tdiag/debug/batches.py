@@ -195,11 +195,33 @@ def random_batch(
     if seq_len is None:
         found = config_value(model, SEQ_LEN_ATTRS) or _context_length(model, vocab)
         seq_len = min(found, MAX_RANDOM_SEQ_LEN) if found else DEFAULT_SEQ_LEN
+    else:
+        _check_capacity(model, vocab, seq_len, path)
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch_size or DEFAULT_BATCH_SIZE, seq_len), generator=gen)
     if pad_id is not None and 0 <= pad_id < vocab and vocab > 1:
         ids = torch.where(ids == pad_id, (ids + 1) % vocab, ids)  # no padding in a random batch
     return {"input_ids": ids}
+
+
+def _check_capacity(model: nn.Module, vocab: int | None, seq_len: int, path: Path) -> None:
+    """``--seq-len`` longer than the positions the model has (its config's length, else the
+    rows of its position table or the side of its mask buffer) is a clear error before any
+    forward, not an ``IndexError`` from inside the embedding."""
+    from_config = config_value(model, SEQ_LEN_ATTRS)
+    capacity = from_config or _context_length(model, vocab)
+    if capacity is None or seq_len <= capacity:
+        return
+    source = (
+        f"its config says {capacity} ({'/'.join(SEQ_LEN_ATTRS)})"
+        if from_config
+        else f"its position table (or causal-mask buffer) has {capacity} rows"
+    )
+    raise LoadError(
+        f"--seq-len {seq_len} is longer than the model in {path.name} can take: {source}. "
+        f"Pass --seq-len {capacity} or less, or build the model with a longer context.",
+        cause="bad-option",
+    )
 
 
 def _context_length(model: nn.Module, vocab: int | None) -> int | None:

@@ -14,6 +14,7 @@ from rich.console import Console
 
 from tdiag.debug.results import error_json
 from tdiag.debug.usercode import LoadError, parse_target
+from tdiag.terminal import output_console
 
 __all__ = ["check_command"]
 
@@ -44,7 +45,7 @@ def check_command(
     from tdiag.debug import render
     from tdiag.debug.worker import CheckJob, run_job
 
-    err = Console(stderr=True, highlight=False)
+    err = output_console(stderr=True, highlight=False)
     try:
         for name, value in (("--batch-size", batch_size), ("--seq-len", seq_len)):
             if value is not None and value < 1:
@@ -78,16 +79,39 @@ def check_command(
         _print_error(err, exc)
         _print_json_error(json_out, target, exc)
         return 2
+    notes = _ignored_options(run.meta, batch_size=batch_size, seq_len=seq_len)
     if json_out:
-        _print_json(run.to_json(target))
+        _print_json(run.to_json(target) | ({"notes": notes} if notes else {}))
     else:
-        render.render_report(run, target=target, console=Console(highlight=False))
+        render.render_report(run, target=target, console=output_console(highlight=False))
+    for note in notes:
+        err.print(f"[yellow]tdiag check: note:[/] {note}", markup=True, soft_wrap=True)
     if run.error is not None:
         # the file could not be fully run: Contract 1's exit code 2, with the finished checks'
         # results printed above (stdout) and the cause on stderr
         _print_error(err, run.error)
         return 2
     return 1 if run.summary["errors"] else 0
+
+
+def _ignored_options(
+    meta: dict[str, object], *, batch_size: int | None, seq_len: int | None
+) -> list[str]:
+    """Options the run did not use, said rather than silently dropped: ``--seq-len`` and
+    ``--batch-size`` shape the random batch only, and a file with ``get_batch()`` (or
+    ``make_batch()`` / ``example_batch()``) gives its own."""
+    given = [
+        name
+        for name, value in (("--batch-size", batch_size), ("--seq-len", seq_len))
+        if value is not None
+    ]
+    if not given or meta.get("batch_source") != "file":
+        return []
+    return [
+        f"{' and '.join(given)} not used: the file defines its own batch (get_batch(), "
+        f"make_batch() or example_batch()), of shape {tuple(meta.get('batch_shape') or ())}; "
+        "change the batch there, or remove the function to use a random batch."
+    ]
 
 
 def _print_error(err: Console, exc: LoadError) -> None:

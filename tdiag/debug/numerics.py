@@ -14,6 +14,8 @@ import torch
 from tdiag.debug.registry import SkipCheck, register_check
 from tdiag.findings import Finding, Severity
 from tdiag.hooks import GradientRecorder
+from tdiag.hooks.locate import first_nonfinite_backward, first_nonfinite_forward, first_nonfinite_op
+from tdiag.hooks.ops import OpTracer
 from tdiag.stats import STAT_NAMES, tensor_stats
 
 if TYPE_CHECKING:
@@ -71,6 +73,30 @@ def _named_stats(row: dict[str, Any] | None) -> dict[str, float] | None:
     return None if row is None else {k: row[k] for k in STAT_NAMES}
 
 
+def _forward_op(ctx: CheckContext) -> dict[str, Any] | None:
+    """The op whose output first goes non-finite in the check's forward (a second forward,
+    under :class:`~tdiag.hooks.ops.OpTracer`, run only once a fault was found)."""
+    torch.manual_seed(ctx.seed)
+    with OpTracer(ctx.model, backward=False) as tracer, torch.no_grad():
+        ctx.call_model()
+    return first_nonfinite_op(tracer.to_host(), "forward")
+
+
+def _backward_op(ctx: CheckContext, params: list[torch.Tensor]) -> dict[str, Any] | None:
+    """The backward node that first turns a finite gradient non-finite (its forward op and
+    that op's input statistics), from a traced forward + backward."""
+    torch.manual_seed(ctx.seed)
+    with torch.enable_grad():
+        with OpTracer(ctx.model) as tracer:
+            loss = ctx.loss()
+        torch.autograd.grad(loss, params, allow_unused=True)
+    trace = tracer.to_host()
+    op = first_nonfinite_op(trace, "backward")
+    if op is None:
+        return None
+    return {**op, "in": trace["forward"][op["op_index"]]["in"]}
+
+
 @register_check(
     "numerics.nonfinite-forward", family="numerics", title="NaN/Inf appears in the forward pass"
 )
@@ -82,8 +108,9 @@ def nonfinite_forward(ctx: CheckContext) -> list[Finding]:
     if not bad and logits_finite:
         return []
     # first module, in execution order, whose output is non-finite while its input was finite
-    origin = next((r for r in bad if r["in"] is None or r["in"]["finite"] == 1.0), None)
-    origin = origin or (bad[0] if bad else None)
+    # (tdiag.hooks.locate: the same answer the Monitor's replay gives)
+    origin = first_nonfinite_forward(rows)
+    op = _forward_op(ctx)
     if origin is None:
         where, what = None, "in code outside any submodule (the model's own forward)"
     else:
@@ -105,6 +132,8 @@ def nonfinite_forward(ctx: CheckContext) -> list[Finding]:
                 "output": _named_stats(origin["out"]) if origin else None,
                 "nonfinite_modules": [r["name"] for r in bad[:MAX_LISTED]],
                 "logits_finite": logits_finite,
+                "op": op["op"] if op else None,
+                "op_input": _named_stats(op["in"]) if op else None,
             },
             recommendation=f"Inspect the forward of {where or 'the model'}. {_NAN_CAUSES}",
         )
@@ -121,7 +150,7 @@ def nonfinite_backward(ctx: CheckContext) -> list[Finding]:
     if not params:
         raise SkipCheck("no trainable parameters")
     torch.manual_seed(ctx.seed)
-    with GradientRecorder(ctx.model) as rec, torch.enable_grad():
+    with GradientRecorder(ctx.model, inputs=True) as rec, torch.enable_grad():
         loss = ctx.loss()
         if not loss.requires_grad:
             raise SkipCheck("the loss depends on no trainable parameter (see grad.missing)")
@@ -130,12 +159,12 @@ def nonfinite_backward(ctx: CheckContext) -> list[Finding]:
         # autograd.grad leaves every .grad untouched; the recorder's hooks still fire
         torch.autograd.grad(loss, params, allow_unused=True)
     rows = rec.to_host()
-    bad = [r for r in rows if r["stats"]["finite"] == 0.0]
-    if not bad:
+    found = first_nonfinite_backward(rows)  # tdiag.hooks.locate, shared with the replay
+    if found is None:
         return []
-    first = bad[0]
-    before = [r for r in rows if r["order"] < first["order"] and r["kind"] == "module"]
-    last_ok = before[-1]["name"] if before else None
+    first, last_ok = found, found["last_finite_module"]
+    bad = [r for r in rows if r["stats"]["finite"] == 0.0]
+    op = _backward_op(ctx, params)
     return [
         Finding(
             id="numerics.nonfinite-backward",
@@ -146,12 +175,16 @@ def nonfinite_backward(ctx: CheckContext) -> list[Finding]:
                 f"reaches {first['kind']} {first['name']}"
                 + (f" (the last finite one was at {last_ok})" if last_ok else "")
                 + f"; {len(bad)} gradient(s) are non-finite."
+                + (f" The op: {op['op']} in {op['module'] or 'the loss'}." if op else "")
             ),
             where=first["name"],
             evidence={
                 "kind": first["kind"],
                 "grad": first["stats"],
                 "last_finite_module": last_ok,
+                "culprit": found["culprit"],
+                "op": f"{op['op']} ({op['node']})" if op else None,
+                "op_input": _named_stats(op["in"]) if op else None,
                 "nonfinite": [r["name"] for r in bad[:MAX_LISTED]],
             },
             recommendation=(

@@ -71,7 +71,8 @@ def _finding(console: Console, f: Finding) -> None:
         console.print(f"   [dim]evidence:[/] {escape(format_evidence(f.evidence))}")
     if f.recommendation:
         console.print(f"   [green]→ {escape(f.recommendation)}[/]")
-    console.print(f"   [dim]{escape(f.docs)}[/]")
+    # the docs field is a path in the source tree; `tdiag explain` prints it wherever tdiag is
+    console.print(f"   [dim]more: tdiag explain {escape(f.id)}  ({escape(f.docs)})[/]")
 
 
 def render_report(run: CheckRun, *, target: str, console: Console) -> None:
@@ -113,11 +114,14 @@ def render_report(run: CheckRun, *, target: str, console: Console) -> None:
         st: sum(r.status == st for r in run.results) for st in ("pass", "fail", "skipped", "error")
     }
     verdict = "[bold red]errors found[/]" if s["errors"] else "[bold green]no errors[/]"
+    took = f"in {run.seconds:.1f} s"
     if run.error is not None:  # stopped part-way: its cause follows on stderr
         verdict = f"[bold red]incomplete[/], {'errors' if s['errors'] else 'no errors'} so far"
+        # the checks' time, not the --timeout's (which counts loading too): said, not implied
+        took = f"after {run.seconds:.1f} s of checks (loading not counted; stopped: see below)"
     console.print()
     console.print(
         f"{verdict}: {s['errors']} error(s), {s['warnings']} warning(s), {s['infos']} info · "
         f"{len(run.results)} checks ({counts['pass']} pass, {counts['fail']} fail, "
-        f"{counts['skipped']} skipped, {counts['error']} error) in {run.seconds:.1f} s"
+        f"{counts['skipped']} skipped, {counts['error']} error) {took}"
     )

@@ -46,7 +46,8 @@ class LoadError(TdiagError):
         cause: a short stable key: missing-file, not-python, syntax-error, import-error,
             no-factory, factory-raised, not-a-module, meta-device, to-device, no-vocab,
             batch-raised, bad-batch, forward-raised, bad-output, loss-raised, bad-loss,
-            exit-called, timeout; and, from the check process of ``tdiag check``:
+            exit-called, timeout, bad-option (an invalid option, such as a ``--seq-len``
+            longer than the model's positions); and, from the check process of ``tdiag check``:
             process-ended (``os._exit``), process-killed (a signal: a native crash, the
             out-of-memory killer), internal-error (a bug in tdiag).
         message: one paragraph naming the cause.

@@ -312,9 +312,7 @@ def _stop_reason(
         short = f"timed out after {watch.job.timeout:g} s (--timeout)"
         return short, LoadError(
             f"stopped after {watch.job.timeout:g} s (--timeout) {during}"
-            f"{'; ' + finished if finished else ''}. A forward pass that never returns (an "
-            "endless loop?) is the usual cause. A model that is only slow: raise --timeout, or "
-            "--skip the slow check.",
+            f"{'; ' + finished if finished else ''}. {_time_spent(watch)}",
             cause="timeout",
             user_traceback=where,
         )
@@ -350,6 +348,44 @@ def _stop_reason(
         cause="process-ended",
         user_traceback=where,
     )
+
+
+def _time_spent(watch: _Watch) -> str:
+    """Where the ``--timeout`` went (loading, the finished checks, the running one) and the
+    likely cause: a check that took most of the budget on its own may never return; a budget
+    spread over many checks is a model that is slow at this size."""
+    deadline = watch.job.deadline_s or 0.0
+    now = time.monotonic()
+    parts = []
+    if watch.ready_at is not None:
+        loaded = watch.loaded_at if watch.ids is not None else now
+        parts.append(f"loading took {loaded - watch.ready_at:.1f} s")
+    done = [r for r in watch.results if r.seconds > 0]
+    if done:
+        slowest = sorted(done, key=lambda r: r.seconds, reverse=True)[:3]
+        parts.append(
+            f"{len(done)} finished check(s) {sum(r.seconds for r in done):.1f} s (slowest: "
+            + ", ".join(f"{r.id} {r.seconds:.1f} s" for r in slowest)
+            + ")"
+        )
+    ran = now - watch.running_since if watch.running is not None else 0.0
+    if watch.running is not None:
+        parts.append(f"{watch.running} {ran:.1f} s until stopped")
+    spent = "Time spent: " + "; ".join(parts) + ". " if parts else ""
+    shape = watch.meta.get("batch_shape")
+    size = f" (batch {tuple(shape)})" if shape else ""
+    if watch.running is not None and ran >= 0.5 * deadline:
+        cause = (
+            f"{watch.running} ran {ran:.1f} s on its own: a forward pass (or decode) that never "
+            "returns, or one far slower at this size than the others; the stack above says where "
+            f"it was. If it is only slow: raise --timeout, or --skip {watch.running}."
+        )
+    else:
+        cause = (
+            f"The model is slow at this size{size}, no single check hung: raise --timeout, "
+            "lower --seq-len / --batch-size, or --skip the slowest checks."
+        )
+    return spent + cause
 
 
 def _killed(signum: int, during: str, where: str) -> tuple[str, LoadError]:

@@ -43,6 +43,7 @@ class LossTap:
         # already divided by the tokens of the whole accumulated batch, so the step's loss is
         # the sum of the micro-batch losses, not their mean.
         self._summed = False
+        self.batch: dict[str, Any] | None = None  # the last training forward's inputs
         self._handles = [
             model.register_forward_pre_hook(self._pre, with_kwargs=True),
             model.register_forward_hook(self._post, with_kwargs=True),
@@ -50,6 +51,7 @@ class LossTap:
 
     def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if torch.is_grad_enabled():
+            self.batch = dict(kwargs) if kwargs and not args else None  # for forensics
             self._tokens += _tokens_of(args, kwargs)
             self._summed = kwargs.get("num_items_in_batch") is not None
 

@@ -4,8 +4,8 @@
     trainer = Trainer(model=model, args=args, ..., callbacks=[TdiagCallback(run_dir="reports/hf")])
 
 The callback reads state and never changes the Trainer's control flow, except to ask for a
-stop (``control.should_training_stop``) after SIGTERM/SIGINT, so that the run saves and
-ends cleanly. The loss is read from the model's output (``.loss``) with a forward hook,
+stop (``control.should_training_stop``) after SIGTERM/SIGINT or when the opt-in guard stops
+the run (``on_nonfinite=``/``on_spike="stop"``), so that the run saves and ends cleanly. The loss is read from the model's output (``.loss``) with a forward hook,
 so no host sync is added between log steps.
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from tdiag.integrations._loss_tap import LossTap
+from tdiag.integrations._report_line import print_report_line
 
 try:
     from transformers import TrainerCallback
@@ -22,7 +23,16 @@ except ImportError as exc:  # pragma: no cover - exercised only without transfor
         "tdiag.integrations.huggingface needs the `transformers` package: pip install 'tdiag[hf]'"
     ) from exc
 
-__all__ = ["TdiagCallback"]
+__all__ = ["TdiagCallback", "hf_loss"]
+
+
+def hf_loss(model: Any, batch: dict[str, Any]) -> Any:
+    """``loss_fn`` for forensics: what ``Trainer.compute_loss`` does without a label smoother
+    or a custom loss: the model's own loss (``model(**inputs)["loss"]``). A Trainer subclass with its own
+    ``compute_loss`` passes ``loss_fn=lambda m, b: trainer.compute_loss(m, b)`` instead."""
+    from tdiag.forensics import loss_of
+
+    return loss_of(model(**batch))
 
 
 class TdiagCallback(TrainerCallback):
@@ -31,7 +41,9 @@ class TdiagCallback(TrainerCallback):
     Args:
         run_dir: the run folder (default: ``<output_dir>/tdiag``).
         log_every: steps per log interval (default: the Trainer's ``logging_steps``).
-        **monitor_options: any other :class:`tdiag.Monitor` option (``watch``, ``wandb``, …).
+        **monitor_options: any other :class:`tdiag.Monitor` option (``watch``, ``wandb``, …);
+            ``forensics=True`` replays the first non-finite step with :func:`hf_loss` (the
+            inputs of the step's last training forward are its batch) unless ``loss_fn=``.
     """
 
     def __init__(
@@ -60,6 +72,8 @@ class TdiagCallback(TrainerCallback):
         # step pre-hook: the Trainer's scheduler steps before on_step_end.
         inner = getattr(optimizer, "optimizer", optimizer)
         options.setdefault("scaler", getattr(optimizer, "scaler", None))
+        if options.get("forensics"):  # the replay re-runs compute_loss's default path
+            options.setdefault("loss_fn", hf_loss)
         self.monitor = Monitor(
             model, optimizer=inner, run_dir=run_dir, log_every=log_every, config=config, **options
         )
@@ -74,8 +88,9 @@ class TdiagCallback(TrainerCallback):
         if self.monitor is None or self._tap is None:
             return
         loss, tokens = self._tap.take()
-        self.monitor.step(loss, tokens=tokens or None)
-        if self.monitor.stop_requested:
+        if not self.monitor.guard_stopped:  # after a guard stop the Monitor takes no more steps
+            self.monitor.step(loss, tokens=tokens or None, batch=self._tap.batch)
+        if self.monitor.should_stop:  # SIGTERM/SIGINT, or the guard (on_nonfinite/on_spike)
             control.should_training_stop = True
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
@@ -87,4 +102,7 @@ class TdiagCallback(TrainerCallback):
             self._tap.remove()
             self._tap = None
         if self.monitor is not None:
-            self.monitor.close()
+            try:
+                self.monitor.close()
+            finally:  # also after a signal (close raises SystemExit then)
+                print_report_line(self.monitor)

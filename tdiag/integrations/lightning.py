@@ -6,14 +6,19 @@
 The training step's returned loss (a tensor, or ``{"loss": tensor}``) is passed to the
 Monitor once per optimizer step (micro-batches of gradient accumulation are averaged on
 the device); ``val_loss`` / ``val/loss`` from ``trainer.callback_metrics`` goes to
-``val/loss``. After SIGTERM/SIGINT it sets ``trainer.should_stop``.
+``val/loss``. After SIGTERM/SIGINT, or when the opt-in guard stops the run
+(``on_nonfinite=``/``on_spike="stop"``), it sets ``trainer.should_stop``.
 """
 
 from __future__ import annotations
 
+import logging
+import warnings
 from typing import Any
 
 import torch
+
+from tdiag.integrations._report_line import print_report_line
 
 try:
     from lightning.pytorch import Callback
@@ -25,7 +30,9 @@ except ImportError:  # pragma: no cover - depends on which Lightning is installe
             "tdiag.integrations.lightning needs Lightning: pip install 'tdiag[lightning]'"
         ) from exc
 
-__all__ = ["TdiagLightningCallback"]
+__all__ = ["TdiagLightningCallback", "training_step_loss"]
+
+logger = logging.getLogger(__name__)
 
 _VAL_KEYS = ("val/loss", "val_loss", "validation_loss")
 
@@ -42,6 +49,17 @@ def _tokens_from(batch: Any) -> int:
     elif isinstance(batch, tuple | list) and batch:
         batch = batch[0]
     return int(batch.numel()) if isinstance(batch, torch.Tensor) else 0
+
+
+def training_step_loss(model: Any, batch: Any) -> Any:
+    """``loss_fn`` for forensics: the module's own ``training_step(batch, 0)`` loss, run on
+    the replay's scratch copy (whose trainer reference is None: its ``self.log`` calls are
+    dropped, and Lightning's warning about them silenced)."""
+    from tdiag.forensics import loss_of
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"You are trying to `self\.log\(\)`")
+        return loss_of(model.training_step(batch, 0))
 
 
 class TdiagLightningCallback(Callback):
@@ -75,6 +93,12 @@ class TdiagLightningCallback(Callback):
             options.setdefault("clip", float(clip))
         precision = getattr(trainer, "precision_plugin", None)
         options.setdefault("scaler", getattr(precision, "scaler", None))  # fp16 GradScaler
+        if options.get("forensics"):
+            if getattr(pl_module, "automatic_optimization", True):
+                options.setdefault("loss_fn", training_step_loss)
+            elif options.get("loss_fn") is None:  # training_step steps the optimizer itself
+                logger.warning("tdiag: forensics off (manual optimization: no loss_fn to replay)")
+                options["forensics"] = False
         self.monitor = Monitor(
             pl_module,
             optimizer=optimizers[0] if optimizers else None,
@@ -83,6 +107,8 @@ class TdiagLightningCallback(Callback):
             config=hparams,
             **options,
         )
+        if self.monitor.forensics is not None:  # the replay's copy must not copy the trainer
+            self.monitor.forensics.detach = (trainer,)
         self._last_global_step = trainer.global_step
         # Resumed from a Lightning checkpoint: the Monitor's own state came with it (this
         # callback's state_dict), else count on from the trainer's step.
@@ -114,9 +140,10 @@ class TdiagLightningCallback(Callback):
         # Lightning hands on_train_batch_end the loss divided by accumulate_grad_batches
         # (what it back-propagates), so the optimizer step's loss is the sum.
         loss_sum = torch.stack(self._losses).sum() if self._losses else None
-        self.monitor.step(loss_sum, tokens=self._tokens or None)
+        if not self.monitor.guard_stopped:  # after a guard stop the Monitor takes no more steps
+            self.monitor.step(loss_sum, tokens=self._tokens or None, batch=batch)
         self._losses, self._tokens = [], 0
-        if self.monitor.stop_requested:
+        if self.monitor.should_stop:  # SIGTERM/SIGINT, or the guard (on_nonfinite/on_spike)
             trainer.should_stop = True
 
     def on_validation_end(self, trainer, pl_module):
@@ -130,4 +157,7 @@ class TdiagLightningCallback(Callback):
 
     def on_train_end(self, trainer, pl_module):
         if self.monitor is not None:
-            self.monitor.close()
+            try:
+                self.monitor.close()
+            finally:  # also after a signal (close raises SystemExit then)
+                print_report_line(self.monitor)

@@ -12,7 +12,7 @@ with Monitor(model, optimizer=opt, run_dir="reports/my-run", log_every=10) as mo
 from __future__ import annotations
 
 from tdiag.monitor.alerts import nonfinite_findings
-from tdiag.monitor.monitor import Monitor, MonitorConfig, NonFiniteError
+from tdiag.monitor.monitor import Monitor, MonitorConfig, NonFiniteError, TrainingStopped
 from tdiag.monitor.recorder import FLIGHT_RECORDER_FILE, FlightRecorder
 
 __all__ = [
@@ -21,5 +21,6 @@ __all__ = [
     "Monitor",
     "MonitorConfig",
     "NonFiniteError",
+    "TrainingStopped",
     "nonfinite_findings",
 ]

@@ -64,6 +64,7 @@ class CallbackAliases:
             "alerted": sorted(self._alerted),
             "recorder": self.recorder.state_dict(),
             "cadence": self._cadence.state_dict(),
+            "spikes": self._spikes.state_dict() if self._spikes is not None else {},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -76,6 +77,8 @@ class CallbackAliases:
         self._alerted = set(state.get("alerted", []))
         self.recorder.load_state_dict(state.get("recorder", {}))
         self._cadence.load_state_dict(state.get("cadence", {}))
+        if self._spikes is not None:  # the trailing window of per-step losses (spikes.py)
+            self._spikes.load_state_dict(state.get("spikes", {}))
         self._probe.rolling = False
         self._acc.reset()
         if not self._is_log_step(self._step + 1):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,34 @@ class MonitorConfig:
     ignore: Sequence[str] = ()
     """Loop-check ids not to raise (e.g. ``["data.repeated-batch"]`` when overfitting one
     batch on purpose); see docs/checks.md, "Loop checks"."""
+    spikes: bool = True
+    """Detect loss spikes live on the per-step losses (``train.loss-spikes``; host-side at
+    the log step, no extra sync; docs/monitor.md, "Spikes")."""
+    spike_window: int = 50
+    """Trailing per-step losses the spike baseline (median) and noise (MAD of differences)
+    are taken over."""
+    spike_z: float = 6.0
+    """A spike exceeds the trailing median by more than this many robust sigmas ..."""
+    spike_rel: float = 0.25
+    """... and by more than this fraction of the median."""
+    on_nonfinite: str | None = None
+    """Guard (docs/monitor.md, "Guard"): None (observe only), "stop", "skip" or "rollback"
+    on a NaN/Inf gradient or loss. Not None: one host sync per step (the check must come
+    before ``optimizer.step()``)."""
+    on_spike: str | None = None
+    """Guard on a live loss spike: None (observe only), "stop" or "rollback" (at the log
+    step that finds it). "rollback" restores the snapshots of ``forensics=True``, or, without
+    it, the guard's own (the same cadence, ``snapshot_every``)."""
+    forensics: bool = False
+    """Keep what a replay needs (the recent batches, RNG states, a snapshot of the model and
+    optimizer every ``snapshot_every`` steps, off the device) and, on the first NaN/Inf,
+    replay the failing step to name the module, direction, op and cause (docs/monitor.md,
+    "Forensics"). Needs ``loss_fn`` and ``mon.step(loss, batch=batch)``."""
+    loss_fn: Callable[..., Any] | None = None
+    """``loss_fn(model, batch) -> loss`` (Contract 1's ``loss_fn``): re-runs a step in the
+    replay. The HF and Lightning adapters supply it."""
+    snapshot_every: int = 50
+    """Steps between forensics snapshots (rounded up to a log step)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.log_every, int) or self.log_every < 1:
@@ -75,6 +103,22 @@ class MonitorConfig:
         if unknown:
             raise ValueError(
                 f"ignore: unknown id(s) {unknown}; the loop checks are {sorted(LOOP_CHECKS)}"
+            )
+        from tdiag.monitor.guard import validate_guard_options
+        from tdiag.monitor.spikes import SpikeDetector
+
+        SpikeDetector(window=self.spike_window, z=self.spike_z, rel=self.spike_rel)  # validates
+        validate_guard_options(self.on_nonfinite, self.on_spike)
+        if not isinstance(self.snapshot_every, int) or self.snapshot_every < 1:
+            raise ValueError(f"snapshot_every must be an int >= 1, got {self.snapshot_every!r}")
+        if self.loss_fn is not None and not callable(self.loss_fn):
+            raise TypeError(
+                f"loss_fn must be callable (model, batch) -> loss, got {self.loss_fn!r}"
+            )
+        if self.forensics and self.loss_fn is None:
+            raise ValueError(
+                "forensics=True needs loss_fn=: a function (model, batch) -> loss that re-runs "
+                "one step in the replay (the HF and Lightning adapters pass one)"
             )
         if self.wandb is not None and not isinstance(self.wandb, Mapping):
             raise TypeError(f"wandb must be a dict of wandb.init arguments, got {self.wandb!r}")

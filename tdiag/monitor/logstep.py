@@ -21,6 +21,13 @@ from tdiag.monitor.cadence import merge_calls, micro_batch_warning
 from tdiag.monitor.distributed import gather_rows, step_time_metrics
 from tdiag.monitor.metrics import DeviceBatch, learning_rates, summarize_interval
 from tdiag.monitor.runinfo import guarded
+from tdiag.monitor.spikes import (
+    MAX_LIVE_SPIKES,
+    MAX_SPIKE_REPLAYS,
+    loss_max,
+    spike_finding,
+    spike_forensics,
+)
 from tdiag.monitor.system import cuda_memory_stats
 
 __all__ = ["LogSteps", "MicroBatchSteps"]
@@ -41,6 +48,7 @@ class LogSteps:
     _timer: Any
     _watcher: Any
     _step: int
+    forensics: Any  # tdiag.forensics.live.LiveForensics, or None
 
     # -- log steps -------------------------------------------------------------------------
     def _log_step(self, *, final: bool = False) -> dict[str, float]:
@@ -77,6 +85,21 @@ class LogSteps:
         self.last_metrics = metrics
         where = self._watcher.first_nonfinite_module(host, layout) if layout else None
         self._check_nonfinite(summary, metrics, first_step, where)
+        spiked = False
+        if self._spikes is not None:
+            spiked = bool(
+                guarded(lambda: self._check_spikes(summary, first_step), "detecting loss spikes")
+            )
+        healthy = not spiked and not alerts.nonfinite_findings(
+            summary, metrics, first_step, 0, None
+        )
+        if self.forensics is not None and healthy:  # a snapshot when due (tdiag/forensics)
+            self.forensics.after_log(self._step)
+        if self._guard_keeper is not None and healthy:
+            guarded(  # rollback's snapshot, at a healthy log step (guard.py)
+                lambda: self._guard_keeper.maybe_snapshot(self._step, self.model, self.optimizer),
+                "snapshotting for the guard",
+            )
         self._raise(
             self._loop.check(
                 step=self._step,
@@ -157,6 +180,9 @@ class LogSteps:
         if summary.skipped and summary.skipped[-1]:  # the probed step was skipped (GradScaler)
             metrics = {k: v for k, v in metrics.items() if not k.startswith(_PROBED_STEP_KEYS)}
         metrics.update(summarize_interval(summary, clip=self.clip, tokens=tokens, elapsed=elapsed))
+        peak = loss_max(summary.losses)  # the interval's worst step (a spike the mean hides)
+        if peak is not None:
+            metrics["train/loss_max"] = peak
         metrics["train/tokens"] = self.tokens_total
         # The LR the probed step used (read in its pre-hook: a scheduler steps after it);
         # without an optimizer step seen, the optimizer's current LR.
@@ -196,11 +222,16 @@ class LogSteps:
         if where is None:
             where = guarded(lambda: alerts.first_nonfinite_param(self.model), "locating NaN")
             findings = [f if f.where else alerts.with_where(f, where) for f in findings]
+        if self.forensics is not None:  # replay the first non-finite step (once per run)
+            findings = self.forensics.explain(findings, self._step)
         for f in findings:
             self._alerted.add(f.id)
             self.findings.append(f)
             self.sinks.event(f)
         self.status = "nonfinite"
+        if self._guard is not None:  # a NaN the guard's pre-hook did not see (e.g. the loss)
+            self._guard.on_alert(findings[0].id, int(findings[0].step or self._step))
+            self._note_guard_stop()
         if self._writes_files:
             guarded(
                 lambda: self.recorder.dump(
@@ -208,6 +239,105 @@ class LogSteps:
                 ),
                 "writing the flight recorder",
             )
+
+    # -- loss spikes and the guard (spikes.py, guard.py) -------------------------------------
+    def _check_spikes(self, summary: Any, first: int) -> bool:
+        """Judge the interval's per-step losses (host values of this log step's one sync);
+        raise a live ``train.loss-spikes`` per new episode. Returns whether one was found."""
+        found = self._spikes.observe(first, summary.losses)
+        for spike in found:
+            if self.forensics is not None:  # before any rollback: replay from the snapshot
+                guarded(lambda s=spike: self._replay_spike(s), "replaying the loss spike")
+            if self._guard is not None:
+                event = self._guard.on_alert(
+                    "train.loss-spikes", self._step, before=spike.first_step
+                )
+                if event is not None:
+                    spike.action = event.action
+                    event.detail["spike_step"] = spike.first_step
+            f = spike_finding(spike, self._spikes, interval=(first, self._step))
+            self._live_spikes += 1
+            if self._live_spikes <= MAX_LIVE_SPIKES:
+                self.findings.append(f)
+                self.sinks.event(f)
+            elif self._live_spikes == MAX_LIVE_SPIKES + 1:
+                logger.warning(
+                    "tdiag: more than %d loss spikes; later ones are not raised live",
+                    MAX_LIVE_SPIKES,
+                )
+        if found:
+            self._note_guard_stop()
+        return bool(found)
+
+    def _replay_spike(self, spike: Any) -> None:
+        """Replay the spike (forensics, ``kind="spike"``) from the last snapshot in a scratch
+        copy: did the batch or the state cause it, and which module moved first. At most
+        :data:`MAX_SPIKE_REPLAYS` per run (each costs the steps since the snapshot + 4
+        forward/backward passes, once)."""
+        from tdiag.forensics.replay import replay
+
+        fx = self.forensics
+        if fx.loss_fn is None or not fx.keeper.enabled or self._spike_replays >= MAX_SPIKE_REPLAYS:
+            return
+        self._spike_replays += 1
+        det = self._spikes
+        result = replay(
+            fx.keeper,
+            self.model,
+            self.optimizer,
+            fx.loss_fn,
+            until_step=spike.steps[-1],
+            kind="spike",
+            threshold=spike.baseline + max(det.z * spike.sigma, det.rel * abs(spike.baseline)),
+            clip=fx.clip,
+            detach=fx.detach,
+        )
+        spike.forensics = spike_forensics(result)
+
+    def _guard_step(self, loss: Any, grad_norm: Any) -> None:
+        """After the step was recorded: name the step of the guard's pre-hook decision, raise
+        its Finding, and (``stop``) end the interval now. Without a pre-hook check this step
+        (no optimizer, or its step was not seen), ``on_nonfinite`` checks the loss and the
+        loop's gradient norm here: one host sync. Not on a step the optimizer skipped (a
+        GradScaler's: inf/NaN there is the scaler's business)."""
+        from tdiag.monitor.guard import guard_finding
+
+        guard = self._guard
+        checked = guard.checked_this_step
+        event = guard.take_pending(self._step)
+        if event is not None:
+            f = guard_finding(event)
+            if self.forensics is not None:  # replay the step the guard caught (once per run)
+                f = (guarded(lambda: self.forensics.explain([f], self._step), "replaying") or [f])[
+                    0
+                ]
+            self._alerted.add(f.id)
+            self.findings.append(f)
+            self.sinks.event(f)
+            self.status = "nonfinite"
+            guard.settle(self._step)  # after the replay: it starts from the old snapshot
+        elif not checked and guard.on_nonfinite is not None and self._skipped is not True:
+            flags = [
+                torch.isfinite(v.detach().float()).all().reshape(())
+                for v in (loss, grad_norm)
+                if isinstance(v, torch.Tensor)
+            ]
+            host_bad = [
+                v for v in (loss, grad_norm) if isinstance(v, int | float) and not math.isfinite(v)
+            ]
+            dev = flags[0].device if flags else None
+            bad = bool(host_bad) or (
+                bool(flags) and not bool(torch.stack([f.to(dev) for f in flags]).all())
+            )  # host sync (guard without a pre-hook check: once per step)
+            if bad:
+                guard.on_alert("train.nonfinite-loss", self._step)
+        if guard.should_stop and self._stop_step is None:
+            guarded(lambda: self._log_step(final=True), "logging the stopped step")
+            self._note_guard_stop()
+
+    def _note_guard_stop(self) -> None:
+        if self._guard is not None and self._guard.should_stop and self._stop_step is None:
+            self._stop_step = self._step
 
     def _strict_check(self, loss: Any, grad_norm: Any) -> None:
         skipped = self._skipped

@@ -28,6 +28,7 @@ from tdiag.monitor.cadence import PROBATION_CALLS, StepCadence, merge_calls
 from tdiag.monitor.callbacks import CallbackAliases
 from tdiag.monitor.config import MonitorConfig, build_sinks, infer_clip
 from tdiag.monitor.distributed import rank_info
+from tdiag.monitor.guard import Guard, TrainingStopped
 from tdiag.monitor.logstep import LogSteps, MicroBatchSteps
 from tdiag.monitor.loopchecks import LoopWatch
 from tdiag.monitor.metrics import (
@@ -38,9 +39,10 @@ from tdiag.monitor.probe import GradientProbe
 from tdiag.monitor.recorder import FlightRecorder
 from tdiag.monitor.runinfo import SignalFlag, build_meta, guarded, model_device, write_end_meta
 from tdiag.monitor.sinks import MultiSink, NullSink, Sink
+from tdiag.monitor.spikes import SpikeDetector
 from tdiag.monitor.timing import ForwardTimer
 
-__all__ = ["Monitor", "MonitorConfig", "NonFiniteError"]
+__all__ = ["Monitor", "MonitorConfig", "NonFiniteError", "TrainingStopped"]
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +125,53 @@ class Monitor(LogSteps, MicroBatchSteps, CallbackAliases):
             scaler=scaler,
         )
         self._probe.rolling = True  # until the step cadence is known (cadence.py)
+        # Live loss spikes on the per-step losses, judged on the host at log steps (spikes.py)
+        self._spikes = (
+            SpikeDetector(
+                window=self.options.spike_window,
+                z=self.options.spike_z,
+                rel=self.options.spike_rel,
+            )
+            if self.options.spikes
+            else None
+        )
+        self._live_spikes = 0
+        self._spike_replays = 0
+        # The opt-in guard (guard.py): None unless on_nonfinite / on_spike is set. Its
+        # optimizer hooks come after the probe's (the probe measures, then the guard decides).
+        self._guard: Guard | None = None
+        self._guard_keeper: Any = None  # rollback's snapshots when forensics keeps none
+        self._stop_step: int | None = None
+        if self.options.on_nonfinite is not None or self.options.on_spike is not None:
+            self._guard = Guard(
+                model,
+                optimizer,
+                on_nonfinite=self.options.on_nonfinite,
+                on_spike=self.options.on_spike,
+                keeper=self._snapshot_keeper,
+            )
+        # Forensics (tdiag/forensics): batches, RNG states and periodic off-device snapshots
+        # kept for a replay of the first non-finite step; ``keeper`` is public for the guard.
+        self.forensics: Any = None
+        if self.options.forensics:
+            from tdiag.forensics.live import LiveForensics
+
+            self.forensics = LiveForensics(
+                model,
+                optimizer,
+                loss_fn=self.options.loss_fn,
+                snapshot_every=self.options.snapshot_every,
+                clip=self.clip,
+            )
+        self.keeper = self.forensics.keeper if self.forensics is not None else None
+        if self.keeper is None and "rollback" in (
+            self.options.on_nonfinite,
+            self.options.on_spike,
+        ):  # rollback without forensics: the guard's own snapshots, at the same cadence
+            from tdiag.forensics.keeper import Keeper
+
+            self._guard_keeper = Keeper(snapshot_every=self.options.snapshot_every)
+        self._batch: Any = None
         # Per-rank forward time (straggler naming) is needed under torchrun only.
         self._timer = ForwardTimer(model, self.device) if self.rank.distributed else None
         # Optimizer steps counted by a post-hook (a Python int, no device op): a step() that
@@ -160,7 +209,8 @@ class Monitor(LogSteps, MicroBatchSteps, CallbackAliases):
         self.sinks = MultiSink(
             build_sinks(self.options, sinks, files=self._writes_files)
             if self.rank.is_main
-            else [NullSink()]
+            else [NullSink()],
+            background=True,  # TensorBoard, console, wandb off the training thread
         )
         self._open()
 
@@ -222,6 +272,8 @@ class Monitor(LogSteps, MicroBatchSteps, CallbackAliases):
             self._await_forward = False
         if not self._mfu.input_seen:
             guarded(lambda: self._mfu.observe_forward(module, args, kwargs), "reading the input")
+        if self.forensics is not None:
+            self.forensics.on_forward(module)  # the step's RNG state, for the replay
         try:
             self._loop.on_forward(args, kwargs)
         except Exception as exc:  # a monitoring failure never stops training
@@ -242,6 +294,8 @@ class Monitor(LogSteps, MicroBatchSteps, CallbackAliases):
         if self._opt_hook is None:
             return None
         skipped: bool | torch.Tensor = self._opt_steps == self._opt_steps_seen
+        if self._guard is not None and self._guard.take_skipped():
+            skipped = True  # the guard dropped this step's gradients (guard.py)
         if not skipped and self._found_inf is not None:
             skipped = self._found_inf
         self._found_inf = None
@@ -267,6 +321,7 @@ class Monitor(LogSteps, MicroBatchSteps, CallbackAliases):
         tokens: int | torch.Tensor | None = None,
         grad_norm: torch.Tensor | float | None = None,
         data_time: float | None = None,
+        batch: Any = None,
     ) -> None:
         """Record one optimizer step. No host sync except on log steps (and every step with
         ``strict=True``).
@@ -278,12 +333,21 @@ class Monitor(LogSteps, MicroBatchSteps, CallbackAliases):
                 (``clip_grad_norm_`` returns it): taken instead of computing it again.
             data_time: seconds the loop spent fetching this step's batch (default: measured
                 from the previous ``step()`` return to the model's next forward).
+            batch: this step's batch, as ``loss_fn(model, batch)`` takes it (``forensics=True``:
+                kept for a replay, tensors copied on the device, no host sync; else unused).
 
         Raises:
             NonFiniteError: with ``strict=True``, on a NaN/Inf loss or gradient norm.
             SystemExit: 143/130 on the second ``step()`` after SIGTERM/SIGINT (the loop did
                 not stop on ``stop_requested``), after flushing and writing the report.
         """
+        if self._stop_step is not None:  # the guard stopped the run; the loop went on
+            self.close()
+            raise TrainingStopped(
+                f"tdiag stopped the run at step {self._stop_step} "
+                f"({self._guard.stop_reason if self._guard else 'guard'}); the report is "
+                "written. Check mon.should_stop after mon.step() to end the loop yourself."
+            )
         if self._closed:
             self._warn_closed("step")
             return
@@ -295,6 +359,7 @@ class Monitor(LogSteps, MicroBatchSteps, CallbackAliases):
         if data_time is None and self._forward_seen is not None:
             data_time = self._forward_seen - self._t_return
         self._forward_seen = None
+        self._batch = batch
         call = (loss, tokens, data_time, now - self._t_return)
         if verdict in ("fold", "close_prev") and not (verdict == "close_prev" and self._micro):
             self._micro.append(call)  # a micro-batch of an optimizer step (cadence.py)
@@ -319,6 +384,8 @@ class Monitor(LogSteps, MicroBatchSteps, CallbackAliases):
         regroup what was recorded), then log and arm as the cadence says."""
         if call is not None:
             self._step += 1
+            if self.forensics is not None:
+                self.forensics.on_step(self._step, self._batch)
         loss, tokens, data_time, step_time = call if call is not None else (None,) * 4
         if self._step == 1 and self._prior_history:
             self._prior_history = False
@@ -351,6 +418,8 @@ class Monitor(LogSteps, MicroBatchSteps, CallbackAliases):
             guarded(self._regroup, "counting micro-batches as optimizer steps")
         if verdict != "defer":
             self._probe.rolling = False
+        if self._guard is not None and call is not None:
+            guarded(lambda: self._guard_step(loss, grad_norm), "running the guard")
         if self.options.strict:
             self._strict_check(loss, grad_norm)
         if self._signals.signum is not None:
@@ -429,6 +498,31 @@ class Monitor(LogSteps, MicroBatchSteps, CallbackAliases):
         return self._signals.signum is not None
 
     @property
+    def should_stop(self) -> bool:
+        """True once the loop should end: the guard stopped the run (``on_nonfinite`` /
+        ``on_spike="stop"``), or SIGTERM/SIGINT was received (``stop_requested``)."""
+        return self._stop_step is not None or self.stop_requested
+
+    @property
+    def guard_stopped(self) -> bool:
+        """True once the guard stopped the run: the next ``step()`` raises TrainingStopped."""
+        return self._stop_step is not None
+
+    @property
+    def guard_events(self) -> list[dict[str, Any]]:
+        """What the guard did: ``[{"trigger", "action", "step", …}]`` (empty without one)."""
+        return [e.to_dict() for e in self._guard.events] if self._guard is not None else []
+
+    def _snapshot_keeper(self) -> Any:
+        """The keeper whose snapshots a rollback restores: forensics' when it keeps one,
+        else the guard's own (snapshots only)."""
+        for name in ("keeper", "_keeper", "_forensics_keeper"):
+            keeper = getattr(self, name, None)
+            if keeper is not None and hasattr(keeper, "latest_snapshot"):
+                return keeper
+        return self._guard_keeper
+
+    @property
     def perf_info(self) -> dict[str, Any]:
         """FLOPs per token, peak FLOP/s and its source, or why there is no MFU."""
         return self._mfu.to_meta()
@@ -467,6 +561,14 @@ class Monitor(LogSteps, MicroBatchSteps, CallbackAliases):
         if self._watcher is not None:
             self._watcher.disarm()
         self._probe.remove()
+        if self.forensics is not None:
+            self.forensics.close()
+        if self._guard is not None:
+            self._guard.remove()
+            if self._guard.events:
+                self.end_detail["guard"] = "; ".join(
+                    f"{e.action} at step {e.step} ({e.trigger})" for e in self._guard.events
+                )[:500]
         if self._timer is not None:
             self._timer.remove()
         self._root_hook.remove()
@@ -475,7 +577,9 @@ class Monitor(LogSteps, MicroBatchSteps, CallbackAliases):
         if self._sampler is not None:
             guarded(self._sampler.stop, "stopping the system sampler")
         self._tell_console_outcome()
-        self.sinks.close()
+        # After a signal the background sinks get 1 s to drain (history.jsonl is written
+        # on this thread, already complete): the exit stays within its ~5 s.
+        self.sinks.close(timeout=None if self._signals.received_at is None else 1.0)
         if self._writes_files:
             guarded(lambda: write_end_meta(self), "updating meta.json")
             if self.options.report:

@@ -208,16 +208,35 @@ class SystemSampler:
             out["sys/rss_gb"] = self._process.memory_info().rss / GB
         out["sys/cpu_percent_system"] = psutil.cpu_percent(None)
         if self._nvml is not None:
-            try:
-                out.update(self._nvml.read())
-            except self._nvml.pynvml.NVMLError as exc:
-                logger.info("tdiag: NVML stopped answering (%s); GPU utilisation is off.", exc)
-                self._nvml.close()
-                self._nvml = None
+            out.update(self._read_nvml())
         with self._lock:
             self._latest = out
             self.samples += 1
         return out
+
+    def _read_nvml(self) -> dict[str, float]:
+        """The GPU keys, or {} after turning NVML off for good when it fails: an
+        ``NVMLError`` (GPU lost, driver reset) is logged at info, anything else the binding
+        raises (a ctypes error, a broken wrapper) once as a warning. Either way the CPU and
+        memory keys of this and later samples go on (a raising NVML must not freeze them)."""
+        nvml = self._nvml
+        assert nvml is not None
+        try:
+            return nvml.read()
+        except nvml.pynvml.NVMLError as exc:
+            logger.info("tdiag: NVML stopped answering (%s); GPU utilisation is off.", exc)
+        except Exception as exc:  # a background sampler must never take training down
+            logger.warning(
+                "tdiag: NVML failed (%s: %s); GPU utilisation is off, CPU and memory go on.",
+                type(exc).__name__,
+                exc,
+            )
+        self._nvml = None
+        try:
+            nvml.close()
+        except Exception as exc:  # already reported; just release what we can
+            logger.debug("closing NVML after its failure failed: %r", exc)
+        return {}
 
     def _safe_sample(self) -> bool:
         try:

@@ -8,6 +8,7 @@ and a self-contained ``report.html``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -84,7 +85,12 @@ def _live_alerts(events: list[dict[str, Any]]) -> tuple[list[Finding], list[str]
 
 
 def build_report(
-    run_dir: str | Path, out: str | Path | None = None, *, console: Any = None
+    run_dir: str | Path,
+    out: str | Path | None = None,
+    *,
+    console: Any = None,
+    history: tuple[Any, Any] | None = None,
+    html_hook: Any = None,
 ) -> dict[str, Any]:
     """Read a run folder, evaluate the rules, write report.json and report.html.
 
@@ -92,6 +98,10 @@ def build_report(
         run_dir: the run folder (or a history.jsonl; meta/events are then read beside it).
         out: folder for report.json/report.html (default: the run folder).
         console: a :class:`rich.console.Console` to print the short summary to, or None.
+        history: ``(frame, ReadStats)`` already read (``tdiag report --watch`` reads only
+            the new lines, :mod:`tdiag.report.watch`); None: read the run's history.
+        html_hook: ``str -> str`` applied to the page before it is written (the watch's
+            auto-refresh, a link to a comparison); None: the page as rendered.
 
     Returns:
         The report.json object (strict-JSON-safe dict).
@@ -108,7 +118,7 @@ def build_report(
 
     run_dir = Path(run_dir)
     history_path, folder = _locate(run_dir)
-    df, stats = read_history(history_path)
+    df, stats = history if history is not None else read_history(history_path)
     meta, meta_problems = _read_meta(folder)
     events, event_problems = _read_events(folder)
     alerts, alert_problems = _live_alerts(events)
@@ -119,18 +129,24 @@ def build_report(
     summary = summarize(df, meta)
     last = int(df["step"].max()) if len(df) else None
     summary["run_status"] = run_status(meta, folder, last)
+    # NaN/Inf values in the history are data (a NaN loss is news, and the rules judge it),
+    # not a problem reading the file: counted in the summary, left out of history_problems
+    summary["nonfinite_values"] = stats.nonfinite_values
+    read_problems = dataclasses.replace(stats, nonfinite_values=0).problems
     report = assemble_report(
         meta=meta,
         summary=summary,
         findings=findings,
         analyses=result.analyses,
         skipped=result.skipped,
-        history_problems=[*stats.problems, *meta_problems, *event_problems, *alert_problems],
+        history_problems=[*read_problems, *meta_problems, *event_problems, *alert_problems],
         read_stats=stats.to_dict(),
         live_alerts=alerts,
     )
     charts = build_charts(df, meta, findings)
     html = render_html(report, findings, charts, source=str(run_dir), live_alerts=alerts)
+    if html_hook is not None:
+        html = html_hook(html)
     out_dir = Path(out) if out is not None else folder
     written = [write_report_json(out_dir, report), write_report_html(out_dir, html)]
     logger.info("report written to %s", out_dir)
@@ -154,11 +170,10 @@ def report_command(run_dir: Path, *, json_out: bool, out: Path | None, fail_on: 
     With ``json_out`` the report.json object is printed to stdout (and nothing else is);
     otherwise a short rich summary is. Messages about failures go to stderr.
     """
-    from rich.console import Console
-
     from tdiag.report.render_json import dumps_report
+    from tdiag.terminal import output_console
 
-    err = Console(stderr=True)
+    err = output_console(stderr=True)
     if fail_on is not None:
         fail_on = fail_on.strip().lower()
         if fail_on not in FAIL_ON:
@@ -167,7 +182,7 @@ def report_command(run_dir: Path, *, json_out: bool, out: Path | None, fail_on: 
                 markup=False,
             )
             return 2
-    console = None if json_out else Console()
+    console = None if json_out else output_console()  # unwrapped in a log
     try:
         report = build_report(run_dir, out, console=console)
     except HistoryReadError as exc:

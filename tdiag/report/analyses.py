@@ -116,6 +116,9 @@ def nonfinite_steps(df: pd.DataFrame, name: str, companions: tuple[str, ...] = (
     if len(maybe) and not present:
         empty_row[maybe] = df.iloc[maybe][others].isna().all(axis=1).to_numpy() if others else True
     mask = isinf | (isnan & (comp | empty_row))
+    dropped = df.attrs.get("tdiag_dropped_rows", {}).get(name)  # tdiag.history.DROPPED_ATTR
+    if dropped:  # cells the reader dropped (not numbers in the file): missing, not logged
+        mask &= ~df.index.isin(dropped)
     steps = df["step"].to_numpy()[mask]
     return pd.Index(np.unique(steps), name="step")
 

@@ -81,6 +81,11 @@ def render_console(
                 Text("What to do first (#1): ", style="bold")
                 + Text(_shorten(top.recommendation, _MAX_RECOMMENDATION))
             )
+        console.print(
+            Text("What a finding means and what to do: ", style="dim")
+            + Text(f"tdiag explain {top.id}")
+            + Text(" (any id above); the HTML report has it all", style="dim")
+        )
     summary_line = Text()
     summary_line.append(
         f"{counts['errors']} error(s)", style=_STYLES["error"] if counts["errors"] else ""

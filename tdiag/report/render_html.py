@@ -1,8 +1,10 @@
-"""report.html: one self-contained page (inline CSS and SVG; no script, font or URL).
+"""report.html: one self-contained page; its charts are drawn in the page from embedded data.
 
 Rendered with jinja2 with autoescaping on: every string that comes from the run (names,
-config values, finding text) is escaped; only the SVG markup matplotlib produced is
-inserted as is (matplotlib escapes the text it draws).
+config values, finding text) is escaped; the charts' data travels as JSON in a
+``<script type="application/json">`` block with ``<``, ``>`` and ``&`` escaped, and is
+only ever set as text by the page's script. Scripts and style are inline and allowed by
+hash in the page's CSP (see :mod:`tdiag.report.charts.assets`).
 """
 
 from __future__ import annotations
@@ -12,10 +14,19 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+from markupsafe import Markup
 
 from tdiag.findings import Finding, count_by_severity
 from tdiag.history import write_text_atomic
-from tdiag.report.charts import Chart, chart_keys_for_finding, finding_span, finding_steps
+from tdiag.report.charts import (
+    Chart,
+    chart_data_script,
+    chart_figure,
+    chart_keys_for_finding,
+    finding_span,
+    finding_steps,
+    page_assets,
+)
 from tdiag.report.summary import format_number, headline_cards
 
 __all__ = ["REPORT_HTML", "render_html", "write_report_html"]
@@ -114,6 +125,27 @@ def _chart_marks(
     return out
 
 
+def _figures(charts: Sequence[Chart], marks: Mapping[str, list[tuple[int, str]]]) -> dict:
+    """Each chart's ``<figure>``, with links to the findings marked on it."""
+    out = {}
+    for c in charts:
+        after = Markup("")
+        if marks.get(c.key):
+            links = Markup("; ").join(
+                Markup('<a href="#finding-{n}">{n}</a> {title}').format(n=n, title=title)
+                for n, title in marks[c.key]
+            )
+            after = Markup('<div class="marks">Marked: {}</div>').format(links)
+        out[c.key] = chart_figure(c, after=after)
+    return out
+
+
+def _css() -> str:
+    from importlib import resources
+
+    return resources.files("tdiag.report").joinpath("assets", "report.css").read_text("utf-8")
+
+
 def run_name(meta: Mapping[str, Any], source: str) -> str:
     """A display name: meta's ``name``/``run_name`` or the run folder's name."""
     for key in ("name", "run_name"):
@@ -168,7 +200,9 @@ def render_html(
         ],
         "n_rules": len(RULES),
         "charts": list(charts),
-        "chart_marks": _chart_marks(findings, charts),
+        "figures": _figures(charts, _chart_marks(findings, charts)),
+        "chart_data": chart_data_script(charts),
+        "assets": page_assets(extra_css=_css()),
         "meta_rows": _flatten(meta)[:_MAX_META_ROWS],
         "rows": summary.get("rows") or 0,
         "alerts": [

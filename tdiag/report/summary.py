@@ -35,7 +35,10 @@ SUMMARY_KEYS = (
     "tokens",
     "tokens_estimated",
     "wall_time_s",
+    "run_time_s",
     "final_train_loss",
+    "final_train_loss_from_step",
+    "final_train_loss_last",
     "best_train_loss",
     "best_train_loss_step",
     "final_val_loss",
@@ -45,6 +48,7 @@ SUMMARY_KEYS = (
     "peak_tokens_per_sec",
     "mean_mfu",
     "peak_mfu",
+    "mfu_peak_source",
     "peak_gpu_mem_gb",
     "peak_rss_gb",
     "metrics",
@@ -125,6 +129,32 @@ def _final_and_best(df: pd.DataFrame, name: str) -> tuple[float | None, float | 
     return final, float(finite.loc[idx]), int(df["step"].loc[idx])
 
 
+def _final_interval(df: pd.DataFrame) -> tuple[int | None, float | None]:
+    """The first step of the last log interval (``train/loss`` is the interval's mean, from
+    the step after the previous logged row) and the loss of its last step alone
+    (``train/loss_last``, when the logger wrote it)."""
+    mask = logged_mask(df, "train/loss")
+    steps = df["step"].to_numpy()[mask] if "train/loss" in df.columns else np.array([])
+    start = int(steps[-2]) + 1 if len(steps) >= 2 else None
+    last = numeric_column(df, "train/loss_last")
+    last_value = None
+    if last is not None and mask.any():
+        value = last[mask].iloc[-1]
+        last_value = float(value) if not np.isnan(value) else None
+    return start, last_value
+
+
+def _run_time(meta: Mapping[str, Any] | None) -> float | None:
+    """Seconds from the Monitor's start to its end (meta.json), the figure its console's last
+    line prints; None without both times."""
+    if not meta:
+        return None
+    start, end = meta.get("start_time"), (meta.get("end") or {}).get("time")
+    if isinstance(start, int | float) and isinstance(end, int | float) and end >= start:
+        return _num(end - start)
+    return None
+
+
 def _mean_and_peak(df: pd.DataFrame, name: str) -> tuple[float | None, float | None]:
     finite = _finite(numeric_column(df, name))
     if finite is None:
@@ -171,17 +201,24 @@ def summarize(df: pd.DataFrame, meta: Mapping[str, Any] | None = None) -> dict[s
 
     Args:
         df: the history as read by :func:`tdiag.history.read_history` (needs a ``step`` column).
-        meta: the run's meta.json (unused today beyond future-proofing; may be None).
+        meta: the run's meta.json (may be None): the Monitor's start and end times
+            (``run_time_s``) and where the MFU's peak came from (``mfu_peak_source``).
 
     Returns:
         A dict with every key of :data:`SUMMARY_KEYS`; values are floats/ints or None.
         ``steps`` counts optimizer steps done (the last training step, +1 when training steps
         start at 0; rows without ``train/*`` metrics, such as a val loss logged before the
         first step, do not count), ``wall_time_s`` spans
-        the first to the last logged ``time``; losses are per-token means as logged.
+        the first to the last logged ``time``, ``run_time_s`` the Monitor's start to end (from
+        meta.json); losses are per-token means as logged: ``final_train_loss`` is the last
+        row's ``train/loss``, the mean of its log interval (which starts at
+        ``final_train_loss_from_step``), ``final_train_loss_last`` the loss of that interval's
+        last step alone.
     """
-    del meta  # reserved: the summary reads the history only
     out: dict[str, Any] = dict.fromkeys(SUMMARY_KEYS)
+    out["run_time_s"] = _run_time(meta)
+    source = ((meta or {}).get("perf") or {}).get("peak_source")
+    out["mfu_peak_source"] = source if isinstance(source, str) else None
     steps = df["step"].to_numpy()
     out["rows"] = len(df)
     out["metrics"] = sorted(c for c in df.columns if c not in ("step", "time"))
@@ -197,6 +234,7 @@ def summarize(df: pd.DataFrame, meta: Mapping[str, Any] | None = None) -> dict[s
     out["final_train_loss"], out["best_train_loss"], out["best_train_loss_step"] = _final_and_best(
         df, "train/loss"
     )
+    out["final_train_loss_from_step"], out["final_train_loss_last"] = _final_interval(df)
     out["final_val_loss"], out["best_val_loss"], out["best_val_loss_step"] = _final_and_best(
         df, "val/loss"
     )
@@ -263,7 +301,13 @@ def _pct(value: float | None) -> str:
 
 
 def headline_cards(summary: Mapping[str, Any]) -> list[dict[str, str]]:
-    """The headline numbers as ``[{"label", "value", "sub"}]``, in reading order."""
+    """The headline numbers as ``[{"label", "value", "sub"}]``, in reading order.
+
+    Each number says what it is where two readings exist: the final train loss is the last
+    log interval's mean (a trainer that prints its last step's loss prints another number),
+    the wall time is the Monitor's start to end (the figure its console's last line prints),
+    and an MFU against a measured matmul (a CPU: no datasheet peak) says so.
+    """
     s = summary
 
     def at(step: Any) -> str:
@@ -273,16 +317,60 @@ def headline_cards(summary: Mapping[str, Any]) -> list[dict[str, str]]:
     return [
         {"label": "Steps", "value": format_number(s.get("steps")), "sub": f"{format_number(s.get('rows'))} row{'' if s.get('rows') == 1 else 's'} logged"},
         {"label": "Tokens", "value": tokens, "sub": "estimated from throughput" if s.get("tokens_estimated") else ""},
-        {"label": "Wall time", "value": format_duration(s.get("wall_time_s")), "sub": ""},
-        {"label": "Final train loss", "value": format_number(s.get("final_train_loss")), "sub": ""},
+        _wall_time_card(s),
+        _final_loss_card(s),
         {"label": "Best train loss", "value": format_number(s.get("best_train_loss")), "sub": at(s.get("best_train_loss_step"))},
         {"label": "Final val loss", "value": format_number(s.get("final_val_loss")), "sub": ""},
         {"label": "Best val loss", "value": format_number(s.get("best_val_loss")), "sub": at(s.get("best_val_loss_step"))},
         {"label": "Tokens / s", "value": _big(s.get("mean_tokens_per_sec")), "sub": f"mean; peak {_big(s.get('peak_tokens_per_sec'))}"},
-        {"label": "MFU", "value": _pct(s.get("mean_mfu")), "sub": f"mean; peak {_pct(s.get('peak_mfu'))}"},
+        _mfu_card(s),
         {"label": "Peak GPU memory", "value": _gb(s.get("peak_gpu_mem_gb")), "sub": ""},
         {"label": "Peak process RSS", "value": _gb(s.get("peak_rss_gb")), "sub": ""},
+        *_nonfinite_card(s),
     ]  # fmt: skip
+
+
+def _wall_time_card(s: Mapping[str, Any]) -> dict[str, str]:
+    logged = s.get("wall_time_s")
+    if s.get("run_time_s") is None:
+        return {"label": "Wall time", "value": format_duration(logged), "sub": "first to last logged row" if logged is not None else ""}  # fmt: skip
+    sub = "Monitor start to end"
+    if logged is not None:
+        sub += f"; logged rows span {format_duration(logged)}"
+    return {"label": "Wall time", "value": format_duration(s["run_time_s"]), "sub": sub}
+
+
+def _final_loss_card(s: Mapping[str, Any]) -> dict[str, str]:
+    final = s.get("final_train_loss")
+    parts = []
+    if final is not None:
+        first, last_step = s.get("final_train_loss_from_step"), s.get("last_step")
+        span = (
+            f"steps {format_number(first)}–{format_number(last_step)}"
+            if first is not None
+            else "last logged row"
+        )
+        parts.append(f"mean of {span}")
+        if s.get("final_train_loss_last") is not None and first != last_step:
+            parts.append(f"last step alone {format_number(s['final_train_loss_last'])}")
+    return {"label": "Final train loss", "value": format_number(final), "sub": "; ".join(parts)}  # fmt: skip
+
+
+def _mfu_card(s: Mapping[str, Any]) -> dict[str, str]:
+    sub = f"mean; peak {_pct(s.get('peak_mfu'))}"
+    if str(s.get("mfu_peak_source") or "").startswith("measured"):
+        # no datasheet peak (a CPU): the ratio is to this machine's own best matmul, which the
+        # report does not judge; said in the label, so that "98 %" is not read as MFU
+        return {"label": "vs measured matmul peak", "value": _pct(s.get("mean_mfu")), "sub": f"{sub}; not MFU: no datasheet peak for this device"}  # fmt: skip
+    return {"label": "MFU", "value": _pct(s.get("mean_mfu")), "sub": sub}
+
+
+def _nonfinite_card(s: Mapping[str, Any]) -> list[dict[str, str]]:
+    """NaN/Inf values logged: data (a NaN loss is news), not a problem reading the history."""
+    n = s.get("nonfinite_values")
+    if not n:
+        return []
+    return [{"label": "NaN/Inf logged", "value": format_number(n), "sub": "values in the history; see the findings"}]  # fmt: skip
 
 
 def _gb(value: float | None) -> str:

@@ -195,12 +195,14 @@ def test_first_float_tensor_forms() -> None:
 
 
 def test_hooks_never_raise_in_the_hot_path(tiny_gpt: nn.Module, monkeypatch) -> None:
-    import tdiag.hooks as hooks
+    import tdiag.hooks.activations
+    import tdiag.hooks.gradients
 
     def broken(t):
         raise RuntimeError("cannot reduce this tensor")
 
-    monkeypatch.setattr(hooks, "tensor_stats", broken)
+    monkeypatch.setattr(tdiag.hooks.activations, "tensor_stats", broken)
+    monkeypatch.setattr(tdiag.hooks.gradients, "tensor_stats", broken)
     x = torch.randint(0, 64, (2, 16))
     with ActivationRecorder(tiny_gpt) as act, GradientRecorder(tiny_gpt) as grad:
         tiny_gpt(x).sum().backward()  # must not raise
@@ -243,7 +245,7 @@ def _padding_mask(B: int, S: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("variant", ["causal", "padding", "additive", "scale", "gqa"])
 def test_sdpa_sampled_rows_match_naive_on_those_rows(variant: str, monkeypatch) -> None:
-    import tdiag.hooks as hooks
+    import tdiag.hooks.attention as hooks
 
     monkeypatch.setattr(hooks, "ATTN_SAMPLE_ROWS", 8)
     torch.manual_seed(0)
@@ -280,7 +282,7 @@ def test_sdpa_sampled_rows_match_naive_on_those_rows(variant: str, monkeypatch) 
 
 
 def test_sdpa_small_inputs_are_exact_without_keep_probs(monkeypatch) -> None:
-    import tdiag.hooks as hooks
+    import tdiag.hooks.attention as hooks
 
     monkeypatch.setattr(hooks, "ATTN_SAMPLE_ROWS", 16)
     torch.manual_seed(1)
@@ -325,7 +327,7 @@ def test_sdpa_kept_probs_reproduce_sdpa_output(variant: str) -> None:
 
 
 def test_sdpa_slices_are_sampled_beyond_the_score_budget(monkeypatch) -> None:
-    import tdiag.hooks as hooks
+    import tdiag.hooks.attention as hooks
 
     monkeypatch.setattr(hooks, "ATTN_SAMPLE_ROWS", 8)
     monkeypatch.setattr(hooks, "ATTN_SAMPLE_SCORES", 3 * 8 * 32)  # 3 slices of 8 rows x 32 keys
@@ -363,7 +365,7 @@ class _LargestTensor(torch.overrides.TorchFunctionMode):
 
 @pytest.mark.parametrize("chunk_scores", [None, 8 * 64])
 def test_sdpa_recomputation_memory_is_rows_times_keys(chunk_scores, monkeypatch) -> None:
-    import tdiag.hooks as hooks
+    import tdiag.hooks.attention as hooks
 
     monkeypatch.setattr(hooks, "ATTN_SAMPLE_ROWS", 8)
     if chunk_scores is not None:
@@ -384,7 +386,7 @@ def test_sdpa_recomputation_memory_is_rows_times_keys(chunk_scores, monkeypatch)
 
 
 def test_softmax_entropy_uses_the_same_row_sample(monkeypatch) -> None:
-    import tdiag.hooks as hooks
+    import tdiag.hooks.attention as hooks
 
     monkeypatch.setattr(hooks, "ATTN_SAMPLE_ROWS", 8)
     s = torch.randn(2, 3, 64, 64) * 3

@@ -22,7 +22,7 @@ class _Ids:
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-def test_trainer_callback_writes_history_and_val_loss(tmp_path):
+def test_trainer_callback_writes_history_and_val_loss(tmp_path, capfd):
     from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
     from tdiag.integrations.huggingface import TdiagCallback
@@ -62,6 +62,9 @@ def test_trainer_callback_writes_history_and_val_loss(tmp_path):
     assert df["val/loss"].notna().sum() == 2
     assert cb._tap is None  # hooks removed at the end
     assert not model._forward_hooks and not model._forward_pre_hooks
+    # the run does not end in silence: one line says where the run went (no report asked)
+    line = f"tdiag: run recorded in {tmp_path / 'run'}; no report.html"
+    assert capfd.readouterr().err.count(line) == 1
 
 
 def test_trainer_resume_from_checkpoint_continues_the_monitors_steps(tmp_path):

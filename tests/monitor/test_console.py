@@ -150,7 +150,34 @@ def test_terminal_without_total_has_no_eta_value():
     sink.write(5, {"train/loss": 1.0})
     sink.close()
     out = buf.getvalue()
-    assert "5/?" in out and "eta" not in out
+    assert "step 5" in out and "eta" not in out
+
+
+def test_terminal_without_total_shows_a_spinner_and_the_rate_not_a_full_bar():
+    console, buf = _console(terminal=True)
+    clock = FakeClock()
+    sink = ConsoleSink(console=console, clock=clock, min_redraw_s=0)
+    sink.open(Path("r"), {})
+    sink.write(10, {"train/loss": 1.0})
+    clock.t += 4
+    sink.write(30, {"train/loss": 0.9})  # 20 steps in 4 s
+    out = buf.getvalue()
+    assert "step 30" in out and "5 steps/s" in out
+    assert "30/?" not in out and "━" not in out  # no bar drawn full for an unknown total
+    assert any(ch in out for ch in "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏")  # rich's "dots" spinner
+    clock.t += 100
+    sink.write(40, {"train/loss": 0.8})  # now slower than a step a second on average
+    assert "3.47 s/step" in buf.getvalue()  # 30 steps in 104 s
+    sink.close()
+
+
+def test_terminal_with_total_keeps_the_bar():
+    console, buf = _console(terminal=True)
+    sink = ConsoleSink(total_steps=50, console=console, clock=FakeClock())
+    sink.open(Path("r"), {})
+    sink.write(25, {"train/loss": 1.0})
+    sink.close()
+    assert "25/50" in buf.getvalue() and "━" in buf.getvalue()
 
 
 def test_no_color_env_is_respected(monkeypatch):
@@ -269,3 +296,17 @@ def test_the_last_line_says_how_the_run_ended(tmp_path):
     assert last_line(RuntimeError("out of memory")).startswith(
         "tdiag: failed with RuntimeError: out of memory, 1 steps in"
     )
+
+
+def test_cpu_mfu_against_a_measured_matmul_is_not_shown_live():
+    row = {"train/loss": 1.0, "perf/mfu": 0.98}
+    for meta, shown in (
+        ({"environment": {"device": "cpu"}, "monitor": {"peak_flops": None}}, False),
+        ({"environment": {"device": "cpu"}, "monitor": {"peak_flops": 1e12}}, True),  # given
+        ({"environment": {"device": "cuda:0"}, "monitor": {}}, True),
+    ):
+        console, buf = _console(terminal=False)
+        sink = ConsoleSink(console=console, clock=FakeClock())
+        sink.open(Path("r"), meta)
+        sink.write(1, row)
+        assert ("mfu 98.0%" in buf.getvalue()) is shown, meta

@@ -233,6 +233,32 @@ def test_jsonl_events_round_trip_findings(tmp_path):
         json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c}"))
 
 
+def test_jsonl_events_after_a_torn_last_line_start_on_a_new_line(tmp_path):
+    """A crash (or a full disk) left events.jsonl ending mid-line: the resumed run's first
+    Finding is not glued to the fragment; only the fragment is lost."""
+    whole = json.dumps(_finding(2).to_dict(), allow_nan=False)
+    torn = json.dumps(_finding(5).to_dict(), allow_nan=False)[:37]  # cut mid-object
+    (tmp_path / "events.jsonl").write_text(whole + "\n" + torn)
+    sink = JsonlSink()
+    sink.open(tmp_path, {})
+    sink.event(_finding(9))
+    sink.event(_finding(10))
+    sink.close()
+    lines = (tmp_path / "events.jsonl").read_text().split("\n")
+    assert lines[:2] == [whole, torn] and lines[-1] == ""
+    assert [e["step"] for e in read_events(tmp_path)] == [2, 9, 10]
+
+
+def test_jsonl_events_on_an_intact_file_add_no_blank_line(tmp_path):
+    (tmp_path / "events.jsonl").write_text(json.dumps(_finding(2).to_dict()) + "\n")
+    sink = JsonlSink()
+    sink.open(tmp_path, {})
+    sink.event(_finding(9))
+    sink.close()
+    text = (tmp_path / "events.jsonl").read_text()
+    assert "\n\n" not in text and text.count("\n") == 2
+
+
 def test_jsonl_on_a_full_disk_is_disabled_and_training_goes_on(tmp_path, caplog):
     if not os.path.exists("/dev/full"):
         pytest.skip("needs /dev/full (Linux)")

@@ -271,3 +271,40 @@ def test_no_thread_leaks_after_context_manager():
         time.sleep(0.05)
     assert threading.active_count() == before
     assert sampler.samples >= 1
+
+
+def test_nvml_raising_a_non_nvml_error_keeps_cpu_and_memory_updating(
+    monkeypatch, fake_cuda, caplog
+):
+    """A binding that raises something else than NVMLError (here RuntimeError) turns GPU
+    sampling off with one warning; CPU and RSS keep coming from every later sample."""
+    nv = make_fake_pynvml()
+    monkeypatch.setitem(sys.modules, "pynvml", nv)
+
+    def broken(handle):
+        raise RuntimeError("ctypes call failed")
+
+    sampler = SystemSampler(interval_s=0.02, device="cuda").start()
+    nv.nvmlDeviceGetUtilizationRates = broken
+    with caplog.at_level(logging.INFO, logger="tdiag.monitor.system"):
+        deadline = time.monotonic() + 5.0
+        first = sampler.samples
+        while sampler.samples < first + 4 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        counted = sampler.samples
+        out = sampler.latest()
+        # the process's memory changes; the next samples must see it (not a frozen copy)
+        ballast = bytearray(64 * 2**20)
+        ballast[::4096] = b"x" * len(ballast[::4096])
+        while sampler.samples < counted + 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        after = sampler.latest()
+        sampler.stop()
+    del ballast
+    assert sampler.samples >= counted + 3, "the sampler stopped sampling"
+    assert "sys/cpu_percent" in out and "sys/rss_gb" in out and "sys/gpu_util" not in out
+    assert after["sys/rss_gb"] > out["sys/rss_gb"]
+    warnings = [r for r in caplog.records if "NVML failed" in r.getMessage()]
+    assert len(warnings) == 1 and "RuntimeError: ctypes call failed" in warnings[0].getMessage()
+    assert "sampling failed" not in caplog.text  # not the generic, freezing path
+    assert ("shutdown",) in nv.calls

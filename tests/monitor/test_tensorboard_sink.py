@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import os
+import threading
 
 import numpy as np
 import pytest
@@ -82,3 +85,55 @@ def test_unwritable_folder_disables_the_sink(tmp_path):
     multi.write(1, {"a": 1.0})
     multi.close()
     assert [f.sink for f in multi.failures] == ["TensorBoardSink"]
+
+
+def test_records_are_byte_identical_to_tensorboards_record_writer(tmp_path):
+    """The C CRC-32C framing (google-crc32c) writes what TensorBoard's RecordWriter does."""
+    import io
+
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    from tdiag.monitor.sinks.tensorboard import _fast_records
+
+    pytest.importorskip("google_crc32c")
+    ours, theirs = io.BytesIO(), io.BytesIO()
+    fast = _fast_records(ours)
+    if fast is None:
+        pytest.skip("google-crc32c without its C extension")
+    for data in (b"", b"x", bytes(range(256)) * 7):
+        fast(data)
+        RecordWriter(theirs).write(data)
+    assert ours.getvalue() == theirs.getvalue()
+
+
+def _fill_disk(sink):
+    """Make the sink's event file a full disk: its descriptor now points at /dev/full, so
+    every write that reaches the kernel fails with ENOSPC (what a full disk gives)."""
+    full = os.open("/dev/full", os.O_WRONLY)
+    os.dup2(full, sink._writer._file.fileno())
+    os.close(full)
+
+
+@pytest.mark.parametrize("flush_secs", [0, 30])  # error in write() / only at close()
+def test_a_full_disk_is_one_warning_and_no_traceback(
+    tmp_path, capfd, caplog, monkeypatch, flush_secs
+):
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full (Linux)")
+    uncaught = []
+    monkeypatch.setattr(threading, "excepthook", uncaught.append)  # a thread's traceback
+    sink = TensorBoardSink(flush_secs=flush_secs)
+    multi = MultiSink([sink], background=True)
+    multi.open(tmp_path, {"config": {"lr": 1e-3}})
+    _fill_disk(sink)
+    with caplog.at_level(logging.WARNING, logger="tdiag.monitor.sinks.base"):
+        for step in range(1, 200 if flush_secs == 0 else 4):  # 3 rows stay in the buffer
+            multi.write(step, {"train/loss": 1.0, "train/lr": 1e-3})
+        multi.close()
+    warnings = [r for r in caplog.records if "TensorBoardSink sink failed" in r.getMessage()]
+    assert len(warnings) == 1 and "No space left on device" in warnings[0].getMessage()
+    assert [f.sink for f in multi.failures] == ["TensorBoardSink"]
+    assert multi.failures[0].phase == ("write" if flush_secs == 0 else "close")
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err and uncaught == []
+    assert not [t for t in threading.enumerate() if t.name.startswith("tdiag-sink")]

@@ -27,6 +27,13 @@ from reference_model.train import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
+# Child processes import reference_model from this checkout (an install ships it as
+# tdiag.reference_model only): the repository on their path, wherever they start.
+CHILD_ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
+}
 
 
 def tiny_cfg(**kw) -> TrainConfig:
@@ -326,7 +333,7 @@ def test_ddp_two_processes_equal_single_process(tmp_path: Path) -> None:
         "--sample",
         "0",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = CHILD_ENV
     proc = _run_torchrun(
         [
             str(torchrun),
@@ -421,7 +428,9 @@ def test_reference_model_does_not_import_tdiag() -> None:
         "import sys, reference_model.model, reference_model.train, reference_model.data; "
         "assert not any(m == 'tdiag' or m.startswith('tdiag.') for m in sys.modules), 'tdiag imported'"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=CHILD_ENV, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stderr
 
 
@@ -434,7 +443,7 @@ def test_ddp_stop_on_one_rank_stops_all_and_resume_is_exact(tmp_path: Path) -> N
     proc = _run_torchrun(
         [str(torchrun), "--standalone", "--nproc_per_node", "2", str(worker), str(tmp_path)],
         cwd=REPO,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env=CHILD_ENV,
         capture_output=True,
         text=True,
         timeout=120,
@@ -598,3 +607,37 @@ def test_small_validation_split_gets_smaller_batches(tmp_path: Path, batching: s
     assert train_b.batch(0)["input_ids"].shape[0] == 16
     assert 0 < val_b.batch(0)["input_ids"].shape[0] < 16
     assert math.isfinite(train(dataclasses.replace(cfg, steps=1)).val_loss)
+
+
+def test_the_names_of_train_py_before_the_split_still_import() -> None:
+    """train.py was split into the loop, checkpointing, the CLI …: what users and tdiag
+    imported from reference_model.train still resolves there, to the same objects."""
+    import reference_model.train as t
+    from reference_model import callbacks, checkpointing, cli, config, optim, step
+
+    same = {
+        "TrainConfig": config.TrainConfig,
+        "EarlyStopping": optim.EarlyStopping,
+        "lr_lambda": optim.lr_lambda,
+        "param_groups": optim.param_groups,
+        "forward_backward": step.forward_backward,
+        "autocast_context": step.autocast_context,
+        "evaluate": step.evaluate,
+        "save_checkpoint": checkpointing.save_checkpoint,
+        "ResumeError": checkpointing.ResumeError,
+        "CHECKPOINT_FILE": checkpointing.CHECKPOINT_FILE,
+        "MonitorCallback": callbacks.MonitorCallback,
+        "ProgressLine": callbacks.ProgressLine,
+        "attach_monitor": callbacks.attach_monitor,
+        "main": cli.main,
+        "demo_command": cli.demo_command,
+        "demo_config": cli.demo_config,
+        "build_parser": cli.build_parser,
+        "config_from_args": cli.config_from_args,
+        "sample_text": cli.sample_text,
+        "DEMO_STEPS": cli.DEMO_STEPS,
+    }
+    for name, obj in same.items():
+        assert getattr(t, name) is obj, name
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        t.nope  # noqa: B018

@@ -1,19 +1,15 @@
-"""Chart layout: what a reader sees. Finding marks numbered once and never overlapping,
-spans drawn as bands, legends below the data, axes that do not exaggerate, one-row runs
-visible, the same step axis on every chart."""
+"""Chart specs: what a reader will see. Finding marks numbered once, spans as bands, axes
+that do not exaggerate, one-row runs visible, the same step axis on every panel, titles and
+threshold lines naming only what is drawn, heatmap rows in model order."""
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 import pandas as pd
-import pytest
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from tdiag.findings import Finding, Severity
-from tdiag.report import charts as ch
-from tdiag.report.charts import build_charts, finding_span
+from tdiag.report.charts import build_charts, finding_span, marks_by_chart
+from tdiag.report.charts.build import model_order
 
 
 def history(n: int = 300) -> pd.DataFrame:
@@ -22,6 +18,8 @@ def history(n: int = 300) -> pd.DataFrame:
     return pd.DataFrame(
         {
             "step": steps,
+            "time": 1000.0 + 0.5 * steps,
+            "train/tokens": 4096.0 * steps,
             "train/loss": 3.0 * np.exp(-steps / 80) + 1.0 + 0.02 * rng.standard_normal(n),
             "train/lr": np.minimum(1.0, steps / 20) * 1e-3,
             "train/grad_norm": 1.0 + 0.2 * rng.random(n),
@@ -36,58 +34,36 @@ def history(n: int = 300) -> pd.DataFrame:
     )
 
 
-def finding(fid: str, step: int | None, number_sev=Severity.WARNING, **evidence) -> Finding:
-    return Finding(id=fid, severity=number_sev, title=fid, step=step, evidence=evidence)
+def finding(fid: str, step: int | None, sev=Severity.WARNING, **evidence) -> Finding:
+    return Finding(id=fid, severity=sev, title=fid, step=step, evidence=evidence)
 
 
-def _mark_labels(ax) -> list[str]:
-    colors = set(ch.SEVERITY_COLORS.values()) | {"#333333"}
-    return [t.get_text() for t in ax.texts if t.get_color() in colors]
-
-
-def _extents(fig, artists):
-    FigureCanvasAgg(fig).draw()
-    renderer = fig.canvas.get_renderer()
-    return [a.get_window_extent(renderer) for a in artists]
+def spec(df, key, meta=None, findings=()):
+    (chart,) = build_charts(df, meta or {}, list(findings), only=[key])
+    return chart.spec
 
 
 def test_a_finding_with_many_steps_is_numbered_once():
-    df = history()
     f = finding("train.loss-spikes", 100, steps=[100, 120, 140, 160, 180, 200, 220])
-    marks = ch._marks_by_chart([f], ["loss"])["loss"]
-    assert [m.primary for m in marks] == [True] + [False] * 6
-    fig = ch._loss_figure(df, df["step"].to_numpy(float), marks, 1000, False, None)
-    (ax,) = fig.axes
-    assert _mark_labels(ax) == ["1"]
-    assert len([ln for ln in ax.lines if ln.get_linestyle() == "--"]) == 7  # every step drawn
+    marks = spec(history(), "loss", findings=[f])["marks"]
+    assert [m["step"] for m in marks] == [100, 120, 140, 160, 180, 200, 220]
+    assert [m["primary"] for m in marks] == [True] + [False] * 6
+    assert {m["label"] for m in marks} == {"1"}
+    assert spec(history(), "loss")["marks"] == []
 
 
-def test_close_marks_merge_into_one_label_and_far_ones_do_not_overlap():
-    df = history()
-    fs = [
-        finding("train.divergence", 150, Severity.ERROR),
-        finding("train.lr-too-high", 152),
-        finding("train.early-stop", 148, Severity.INFO),
-        finding("train.plateau", 290),
-        finding("train.overfitting", 20),
-    ]
-    marks = ch._marks_by_chart(fs, ["loss"])["loss"]
-    fig = ch._loss_figure(
-        df, df["step"].to_numpy(float), marks, 1000, False, ch._x_range(df["step"].to_numpy(float))
-    )
-    (ax,) = fig.axes
-    labels = _mark_labels(ax)
-    assert sorted(labels) == ["1,2,3", "4", "5"]
-    texts = [t for t in ax.texts if t.get_text() in labels]
-    for a, b in itertools.combinations(_extents(fig, texts), 2):
-        assert not a.overlaps(b), (a, b)
+def test_marks_are_numbered_like_the_findings_and_only_on_their_charts():
+    fs = [finding("mem.leak", 40, Severity.ERROR), finding("train.plateau", 290)]
+    loss, memory = (spec(history(), k, findings=fs) for k in ("loss", "memory"))
+    assert [(m["label"], m["step"]) for m in loss["marks"]] == [("2", 290)]
+    assert [(m["label"], m["color"]) for m in memory["marks"]] == [("1", "#c62828")]
 
 
 def test_a_span_finding_is_a_shaded_band_with_one_number():
     f = finding("perf.data-stall", 30, step_range=[30, 300])
     assert finding_span(f) == (30, 300)
     assert finding_span(finding("perf.data-stall", 30, step_range=[1, "x"])) is None
-    (mark,) = ch._marks_by_chart([f], ["step-time"])["step-time"]
+    (mark,) = marks_by_chart([f], ["step-time"])["step-time"]
     assert (mark.step, mark.end, mark.label) == (30, 300, "1")
     html_f = finding("perf.data-stall", 30, step_range=[30, 300], impact=0.5)
     from tdiag.report.render_html import _finding_views
@@ -97,56 +73,46 @@ def test_a_span_finding_is_a_shaded_band_with_one_number():
     assert view["impact"] == "0.50" and all(k != "impact" for k, _ in view["evidence"])
 
 
-@pytest.mark.parametrize("key", ["grad-norm", "memory", "loss"])
-def test_legend_sits_below_the_plot(key):
+def test_quantities_from_zero_start_at_zero_and_losses_do_not():
     df = history()
-    meta = {"config": {"grad_clip": 1.0}, "environment": {"gpu_mem_total_gb": 80.0}}
-    steps = df["step"].to_numpy(float)
-    if key == "loss":
-        fig = ch._loss_figure(df, steps, [], 1000, False, None)
-    else:
-        left = ch._present(df, steps, ch._SIMPLE[key][0], 1000)
-        lower = ch._present(df, steps, ch._SIMPLE[key][1], 1000)
-        fig = ch._lines_figure(left, [], lower=lower, hline=(1.0, "clip"))
-    assert fig.legends, "several series: a legend"
-    legend_box, *axes_boxes = _extents(fig, [fig.legends[0], *fig.axes])
-    for box in axes_boxes:
-        assert legend_box.y1 <= box.y0 + 1, (legend_box, box)  # below every panel
-    legend_texts = _extents(fig, fig.legends[0].get_texts())
-    assert max(b.x1 for b in legend_texts) <= fig.bbox.x1 + 1  # not cut off on the right
-    svg_charts = {c.key: c for c in build_charts(df, meta, only=[key])}
-    assert svg_charts[key].svg
-
-
-def test_single_series_charts_have_no_legend_and_memory_starts_at_zero():
-    df = history()
-    (lr,) = build_charts(df, only=["lr"])
-    assert '<g id="lr-legend' not in lr.svg
-    steps = df["step"].to_numpy(float)
-    rss = ch._present(df, steps, ["sys/rss_gb"], 1000)
-    fig = ch._lines_figure(rss, [], from_zero=True)
-    assert not fig.legends and fig.axes[0].get_ylim()[0] == 0.0  # a flat 0.352 GB stays flat
+    assert spec(df, "memory")["panels"][0]["zero"] is True  # a flat 0.352 GB stays flat
+    assert spec(df, "loss")["panels"][0]["zero"] is False
 
 
 def test_throughput_and_mfu_on_separate_panels_sharing_steps():
-    df = history()
-    steps = df["step"].to_numpy(float)
-    fig = ch._lines_figure(
-        ch._present(df, steps, ["perf/tokens_per_sec"], 1000), [],
-        lower=ch._present(df, steps, ["perf/mfu"], 1000), xlim=(0, 310),
-    )  # fmt: skip
-    top, bottom = fig.axes
-    assert top.get_xlim() == bottom.get_xlim() == (0, 310)
-    assert bottom.get_ylim()[0] == 0.0
+    s = spec(history(), "throughput")
+    assert [p["label"] for p in s["panels"]] == ["tokens / s", "MFU"]
+    assert [(x["label"], x["panel"]) for x in s["series"]] == [("tokens/s", 0), ("MFU", 1)]
+    assert all(len(x["values"]) == len(s["x"]["step"]) for x in s["series"])  # one shared x
+    assert s["panels"][1]["zero"] is True
 
 
-def test_every_chart_shares_the_step_axis():
+def test_the_x_axis_can_be_tokens_or_wall_clock():
+    s = spec(history(), "loss")
+    assert set(s["x"]) == {"step", "tokens", "time"}
+    np.testing.assert_allclose(s["x"]["tokens"], 4096.0 * np.asarray(s["x"]["step"]))
+    np.testing.assert_allclose(s["x"]["time"], 0.5 * (np.asarray(s["x"]["step"]) - 1))
+    no_time = history().drop(columns=["time", "train/tokens"])
+    assert set(spec(no_time, "loss")["x"]) == {"step"}
+
+
+def test_validation_is_drawn_with_points_and_nonfinite_loss_is_marked():
     df = history()
     df["val/loss"] = np.where(df["step"] % 50 == 0, 1.5, np.nan)
-    df.loc[df["step"] > 100, "train/grad_norm"] = np.nan  # a metric that stopped early
-    xlim = ch._x_range(df["step"].to_numpy(float))
-    assert xlim is not None and xlim[0] < 1 and xlim[1] > 300
-    assert ch._x_range(np.array([5.0])) is None
+    df.loc[df["step"] == 120, "train/loss"] = np.inf
+    s = spec(df, "loss")
+    train, val = s["series"]
+    assert train["smooth"] and not val["smooth"] and val["points"] and val["total"] == 6
+    assert [(n["label"], list(n["steps"])) for n in s["nonfinite"]] == [("non-finite loss", [120])]
+    assert s["smoothing"] is not None and 0.6 <= s["smoothing"] < 1
+
+
+def test_a_metric_missing_on_some_rows_is_not_marked_non_finite():
+    df = history()
+    val = pd.DataFrame({"step": [50, 100], "val/loss": [2.0, 1.9]})  # rows of their own
+    df = pd.concat([df, val]).sort_values("step", kind="stable").reset_index(drop=True)
+    assert spec(df, "grad-norm")["nonfinite"] == []
+    assert spec(df, "loss")["nonfinite"] == []
 
 
 def test_a_one_row_history_is_drawn_with_markers():
@@ -154,31 +120,65 @@ def test_a_one_row_history_is_drawn_with_markers():
     charts = {c.key: c for c in build_charts(df)}
     assert set(charts) == {"loss", "lr"}
     for chart in charts.values():
-        assert "<use" in chart.svg, chart.key  # a marker, not an invisible one-point line
+        assert all(s["points"] for s in chart.spec["series"]), chart.key
 
 
-def test_titles_and_capacity_name_only_what_is_drawn():
+def test_titles_and_threshold_lines_name_only_what_is_drawn():
     df = history()
     cpu = df[["step"]].assign(**{"sys/cpu_percent": 50.0})
     (util,) = build_charts(cpu, only=["utilization"])
     assert util.title == "CPU utilisation"
     meta = {"environment": {"gpu_mem_total_gb": 80.0}}
-    (mem,) = build_charts(df, meta, only=["memory"])
-    assert "GPU capacity 80 GB" in mem.svg and "capacity" in mem.note
-    (mem_no_cap,) = build_charts(df, {}, only=["memory"])
-    assert "capacity" not in mem_no_cap.svg
+    assert spec(df, "memory", meta)["hlines"] == [{"y": 80.0, "label": "GPU capacity 80 GB"}]
+    assert spec(df, "memory", {})["hlines"] == []
+    clip = spec(df, "grad-norm", {"config": {"grad_clip": 0.5}})
+    assert clip["hlines"] == [{"y": 0.5, "label": "clip threshold 0.5"}]
+    assert spec(df, "grad-norm", {})["hlines"] == []
 
 
-def test_layer_heatmap_has_no_empty_columns_from_rows_without_layers():
+def test_layer_heatmap_rows_in_model_order_without_empty_columns():
     n = 200
     steps = np.arange(1, n + 1) * 5
     df = pd.DataFrame({"step": steps})
-    for i in range(12):
-        df[f"grad_norm/blocks.{i}"] = 0.1 * (i + 1) * np.ones(n)
+    order = [f"blocks.{i}" for i in (0, 1, 2, 10, 11, 3, 4, 5, 6, 7, 8, 9)]  # as logged
+    for i, name in enumerate(order):
+        df[f"grad_norm/{name}"] = 0.1 * (i + 1) * np.ones(n)
+    df.loc[77, "grad_norm/blocks.3"] = 50.0  # a one-row spike
     val = pd.DataFrame({"step": steps[::10], "val/loss": 2.0})  # eval rows in between
     df = pd.concat([df, val]).sort_values("step", kind="stable").reset_index(drop=True)
-    cols = [c for c in df.columns if c.startswith("grad_norm/")]
-    fig = ch._heatmap_figure(df, cols, "grad_norm/", df["step"].to_numpy(float), [], 1000)
-    grid = fig.axes[0].images[0].get_array()
-    assert grid.shape == (12, n)  # one column per row that carries the layers
-    assert not np.ma.getmaskarray(grid).all(axis=0).any()
+    (chart,) = build_charts(df, only=["layer-grad-norms"], buckets=200)
+    s = chart.spec
+    assert s["kind"] == "heatmap" and s["rows"] == order
+    z = np.asarray(s["z"], dtype=float).reshape(len(order), s["ncols"])
+    assert s["ncols"] == 50 and not np.isnan(z).all(axis=0).any()
+    assert z.max() == 50.0  # the bucket's max keeps the spike
+    assert s["x0"][0] == 5 and s["x1"][-1] == 5 * n
+
+
+def test_gradient_rows_follow_the_model_order_of_the_activations():
+    forward = ["embed", "blocks.0.norm1", "blocks.0.attn", "blocks.0.mlp", "norm_f", "lm_head"]
+    grouped = ["blocks.0.attn.qkv", "blocks.0.mlp.fc", "embed", "blocks.0.norm1", "norm_f", "x"]
+    want = ["embed", "blocks.0.norm1", "blocks.0.attn.qkv", "blocks.0.mlp.fc", "norm_f", "x"]
+    assert model_order(grouped, forward) == want
+    assert model_order(grouped, []) == grouped
+    n = 20
+    df = pd.DataFrame({"step": np.arange(n)})
+    for name in grouped:
+        df[f"grad_norm/{name}"] = 1.0
+    for name in forward:
+        df[f"act_rms/{name}"] = 1.0
+    charts = {c.key: c for c in build_charts(df, only=["layer-grad-norms", "layer-act-rms"])}
+    assert [s["label"] for s in charts["layer-grad-norms"].spec["series"]] == want
+    assert charts["layer-act-rms"].spec["series"][0]["label"] == "embed"
+
+
+def test_every_chart_starts_on_the_runs_steps():
+    df = history()
+    df["val/loss"] = np.where(df["step"] % 50 == 0, 1.5, np.nan)
+    df.loc[df["step"] > 100, "train/grad_norm"] = np.nan  # a metric that stopped early
+    df.loc[df["step"] < 50, "sys/rss_gb"] = np.nan  # and one that started late
+    charts = build_charts(df)
+    assert {c.key for c in charts} >= {"loss", "grad-norm", "memory"}
+    for c in charts:
+        assert c.spec["xrange"] == [1.0, 300.0], c.key
+    assert build_charts(df.iloc[:1], only=["loss"])[0].spec["xrange"] is None  # one step

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import html as html_lib
 import io
 import json
 import math
@@ -19,6 +22,7 @@ from tdiag.report.charts import (
     build_charts,
     chart_keys_for_finding,
     clip_threshold,
+    dumps_spec,
 )
 from tdiag.report.console import render_console
 from tdiag.report.render_html import render_html
@@ -134,21 +138,28 @@ def test_bucket_envelope_matches_a_naive_loop_and_keeps_a_spike():
 def test_short_series_are_drawn_point_by_point():
     df = pd.DataFrame({"step": np.arange(10), "train/lr": np.arange(10.0) ** 2})
     (chart,) = build_charts(df, buckets=100, only=["lr"])
-    assert "min–max" not in chart.note
+    assert "downsampled" not in chart.note and not chart.spec["downsampled"]
+    assert chart.spec["x"]["step"].tolist() == list(range(10))
     long = pd.DataFrame({"step": np.arange(1000), "train/lr": np.arange(1000.0)})
     (chart,) = build_charts(long, buckets=100, only=["lr"])
-    assert "min–max as a band" in chart.note
+    assert "downsampled to 200 points" in chart.note and chart.spec["downsampled"]
+    assert 100 <= len(chart.spec["x"]["step"]) <= 202
 
 
 def test_chart_size_does_not_grow_with_rows():
-    """Once a series has more points than buckets, the SVG size stays put (5x rows here)."""
+    """Once a series has more points than the budget, a chart's data stays put (5x rows)."""
     keys = ("loss", "grad-norm", "layer-grad-norms")
-    small = {c.key: len(c.svg) for c in build_charts(history(8_000), buckets=100, only=keys)}
-    big = {c.key: len(c.svg) for c in build_charts(history(40_000), buckets=100, only=keys)}
+
+    def sizes(n):
+        return {
+            c.key: len(dumps_spec(c.spec)) for c in build_charts(history(n), buckets=100, only=keys)
+        }
+
+    small, big = sizes(8_000), sizes(40_000)
     assert small.keys() == big.keys()
     for key, size in big.items():
         assert size < 1.25 * small[key] + 5_000, (key, size, small[key])
-        assert size < 150_000, (key, size)
+        assert size < 60_000, (key, size)
 
 
 # ---------------------------------------------------------------- charts
@@ -161,12 +172,15 @@ def finding(fid="train.loss-spikes", severity=Severity.ERROR, step=150, **kw) ->
 def test_findings_are_marked_on_their_chart():
     df = history(300)
     keys = ("loss", "memory")
-    plain = {c.key: c.svg for c in build_charts(df, only=keys)}
+    plain = {c.key: c.spec for c in build_charts(df, only=keys)}
     f = finding(evidence={"steps": [150, 220]})
-    marked = {c.key: c.svg for c in build_charts(df, findings=[f], only=keys)}
-    assert "#c62828" not in plain["loss"]  # the error colour is only used by marks
-    assert marked["loss"].count("#c62828") >= 2  # two vertical lines (plus labels)
-    assert "#c62828" not in marked["memory"]
+    marked = {c.key: c.spec for c in build_charts(df, findings=[f], only=keys)}
+    assert plain["loss"]["marks"] == []
+    assert [(m["step"], m["color"]) for m in marked["loss"]["marks"]] == [
+        (150, "#c62828"),
+        (220, "#c62828"),
+    ]
+    assert marked["memory"]["marks"] == []
 
 
 def test_chart_keys_for_finding_follow_the_id_and_what_was_drawn():
@@ -189,8 +203,9 @@ def test_clip_threshold_drawn_when_configured():
     meta = {"config": {"grad_clip": 0.5}}
     with_clip = {c.key: c for c in build_charts(history(200), meta, only=["grad-norm"])}
     without = {c.key: c for c in build_charts(history(200), {}, only=["grad-norm"])}
-    assert "clip threshold 0.5" in with_clip["grad-norm"].svg
-    assert "clip threshold" not in without["grad-norm"].svg
+    assert with_clip["grad-norm"].spec["hlines"] == [{"y": 0.5, "label": "clip threshold 0.5"}]
+    assert "clip threshold from the run config: 0.5" in with_clip["grad-norm"].note
+    assert without["grad-norm"].spec["hlines"] == [] and "clip" not in without["grad-norm"].note
 
 
 def test_many_layers_become_a_heatmap_and_few_stay_lines():
@@ -198,17 +213,16 @@ def test_many_layers_become_a_heatmap_and_few_stay_lines():
     few = {c.key: c for c in build_charts(history(200, layers=("a", "b")), only=only)}
     layers = tuple(f"blocks.{i}" for i in range(12))
     many = {c.key: c for c in build_charts(history(200, layers=layers), only=only)}
-    assert "<image" not in few["layer-grad-norms"].svg
-    assert "<image" in many["layer-grad-norms"].svg and "blocks.11" in many["layer-grad-norms"].svg
-    svg = many["layer-grad-norms"].svg
-    assert not re.search(r"<text[^>]*>[^<]*\$", svg), "log colour-bar ticks must be typeset"
-    assert "<!--" not in svg
+    assert few["layer-grad-norms"].kind == "lines"
+    assert [s["label"] for s in few["layer-grad-norms"].spec["series"]] == ["a", "b"]
+    assert many["layer-grad-norms"].kind == "heatmap"
+    assert many["layer-grad-norms"].spec["rows"] == list(layers)
 
 
 def test_dollar_signs_in_names_are_drawn_literally():
     df = history(100, layers=("price$a$b", "x"))
     (chart,) = build_charts(df, only=["layer-grad-norms"])
-    assert "price$a$b" in chart.svg
+    assert [s["label"] for s in chart.spec["series"]] == ["price$a$b", "x"]
 
 
 def test_missing_metrics_mean_missing_charts():
@@ -258,26 +272,64 @@ def test_html_escapes_everything_that_comes_from_the_run():
     )  # fmt: skip
     meta = {"name": EVIL, "config": {EVIL: EVIL}}
     html, _ = render(df, [f], meta=meta, problems=[EVIL], only=["loss", "layer-grad-norms"])
-    assert "<script" not in html.lower()
+    assert_only_own_scripts(html)
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert html.count("&lt;script&gt;") >= 8
+    # In the charts' JSON the layer name is escaped too, and reads back as itself.
+    data = html[html.index('id="tdiag-charts">') + 18 : html.index("</script>")]
+    assert "\\u003cscript\\u003ealert(1)" in data
+    spec = json.loads(data)["layer-grad-norms"]
+    assert [s["label"] for s in spec["series"]] == [f"blocks.0.{EVIL}"]
     # The folder name, skipped reasons, live alerts and a chart's metric names too.
     report = make_report(df, [f], meta, [EVIL])
     report["skipped"] = [{"id": EVIL, "reason": EVIL}]
     alert = Finding(id="monitor.x", severity=Severity.ERROR, title=EVIL, message=EVIL, step=3)
     charts = build_charts(df, meta, [f], only=["layer-grad-norms"])
     html = render_html(report, [f], charts, source=f"runs/{EVIL}", live_alerts=[alert])
-    assert "<script" not in html.lower()
+    assert_only_own_scripts(html)
     assert f"runs/{EVIL}".replace("<", "&lt;").replace(">", "&gt;") in html
     assert html.count("&lt;script&gt;") >= 12
+
+
+def assert_only_own_scripts(html: str) -> None:
+    """The page's only script elements are the charts' JSON block and the two inline
+    scripts the CSP names by hash (no run text can open or close one)."""
+    lower = html.lower()
+    assert lower.count("<script") == 3 and lower.count("</script") == 3, lower.count("<script")
+    assert lower.count('<script type="application/json" id="tdiag-charts">') == 1
+    assert "alert(1)</script>" not in lower
+
+
+def test_csp_allows_exactly_the_inline_scripts_and_style_by_hash():
+    html, _ = render(only=["loss"])
+    csp = re.search(r'http-equiv="Content-Security-Policy" content="([^"]+)"', html).group(1)
+    csp = html_lib.unescape(csp)
+    directives = dict(d.strip().split(" ", 1) for d in csp.split(";"))
+    assert directives["default-src"] == "'none'"
+    assert "unsafe" not in csp and "http" not in csp  # no unsafe-inline/eval, no origin
+    scripts = re.findall(r"<script>(.*?)</script>", html, flags=re.S)
+    styles = re.findall(r"<style>(.*?)</style>", html, flags=re.S)
+    assert len(scripts) == 2 and len(styles) == 1
+
+    def sha(text):
+        digest = hashlib.sha256(text.encode()).digest()
+        return "'sha256-" + base64.b64encode(digest).decode() + "'"
+
+    assert directives["script-src"].split() == [sha(s) for s in scripts]
+    assert directives["style-src"].split() == [sha(s) for s in styles]
+    assert not re.search(r"\sstyle=|\son[a-z]+=", html), "inline style/handler attribute"
 
 
 def test_html_is_self_contained_with_unique_ids():
     html, _ = render(findings=[finding(), finding("perf.low-mfu", Severity.WARNING, step=None)])
     parsed = _Collector()
     parsed.feed(html)
-    assert "script" not in parsed.tags and "link" not in parsed.tags and "iframe" not in parsed.tags
-    assert not re.search(r"https?://|@import|url\((?!#)", html), "external reference"
+    assert "link" not in parsed.tags and "iframe" not in parsed.tags and "img" not in parsed.tags
+    assert not any(k == "src" for k, _ in parsed.attrs), "no script/img loaded from anywhere"
+    # uPlot's licence banner names its home page; no other URL may appear (the browser
+    # test checks that no request is made).
+    text = html.replace("/*! https://github.com/leeoniya/uPlot (v1.6.32) */", "", 1)
+    assert not re.search(r"https?://|@import|url\((?!#)", text), "external reference"
     for name, value in parsed.attrs:
         if name in ("src", "href", "xlink:href"):
             assert value is not None and value.startswith(("#", "data:")), (name, value)
@@ -298,7 +350,7 @@ def test_html_findings_come_first_and_link_to_their_charts():
     assert 'href="#chart-throughput"' in block2
     loss_fig = html[html.index('id="chart-loss"') :]
     assert 'href="#finding-1"' in loss_fig[: loss_fig.index("</figure>")]
-    assert 'class="log-toggle"' in html  # the loss chart has a log-scale rendering too
+    assert 'data-tdiag-chart="loss"' in loss_fig[: loss_fig.index("</figure>")]
 
 
 def test_html_states_history_problems_and_empty_findings():

@@ -20,6 +20,8 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
+    SpinnerColumn,
     TaskID,
     TextColumn,
     TimeElapsedColumn,
@@ -28,6 +30,7 @@ from rich.progress import (
 from rich.text import Text
 
 from tdiag.findings import Finding, Severity
+from tdiag.terminal import output_console
 
 __all__ = ["ConsoleSink", "format_metrics"]
 
@@ -75,11 +78,12 @@ def _duration(seconds: float) -> str:
     return f"{s}s"
 
 
-def format_metrics(metrics: Mapping[str, Any]) -> list[str]:
+def format_metrics(metrics: Mapping[str, Any], *, mfu: bool = True) -> list[str]:
     """The compact fields shown for one row: loss, val loss, LR, grad norm, tokens/s, MFU, memory.
 
     Returns a list of ``"name value"`` strings (empty when the row has none of these). Memory
     is the GPU peak (else allocated) when present, else the process RSS; GB = 2**30 bytes.
+    ``mfu=False`` leaves ``perf/mfu`` out (a CPU: see :meth:`ConsoleSink.open`).
     """
     fields: list[str] = []
 
@@ -98,7 +102,7 @@ def format_metrics(metrics: Mapping[str, Any]) -> list[str]:
         fields.append(f"skipped {_num(v, '.0f')}")
     if (v := get("perf/tokens_per_sec")) is not None:
         fields.append(f"tok/s {_si(v)}")
-    if (v := get("perf/mfu")) is not None:
+    if mfu and (v := get("perf/mfu")) is not None:
         fields.append(f"mfu {_num(100 * v, '.1f')}%")
     gpu = get("sys/gpu_mem_peak_gb")
     if gpu is None:
@@ -108,6 +112,13 @@ def format_metrics(metrics: Mapping[str, Any]) -> list[str]:
     elif (v := get("sys/rss_gb")) is not None:
         fields.append(f"rss {_num(v, '.2f')} GB")
     return fields
+
+
+def _rate_text(steps_per_s: float) -> str:
+    """``12.3 steps/s``, or ``4.2 s/step`` for slow steps (easier to read than 0.24)."""
+    if steps_per_s >= 1:
+        return f"{steps_per_s:.3g} steps/s"
+    return f"{1 / steps_per_s:.3g} s/step"
 
 
 def _other_fields(metrics: Mapping[str, Any]) -> list[str]:
@@ -120,6 +131,16 @@ def _other_fields(metrics: Mapping[str, Any]) -> list[str]:
                 out.append("…")
             break
     return out
+
+
+def _mfu_is_judged(meta: Mapping[str, Any]) -> bool:
+    """False on a CPU without a ``peak_flops`` given: the MFU is then a ratio to this machine's
+    own measured matmul (often 40–100 %), which the report labels as such and never judges;
+    a live "mfu 98%" would read as a real utilisation. The history keeps ``perf/mfu``."""
+    env = meta.get("environment") or {}
+    monitor = meta.get("monitor") or {}
+    on_cpu = str(env.get("device", "")).startswith("cpu")
+    return not on_cpu or monitor.get("peak_flops") is not None
 
 
 def _isatty(stream: Any) -> bool:
@@ -170,7 +191,7 @@ class ConsoleSink:
             raise ValueError(f"total_steps must be >= 0 or None, got {total_steps!r}")
         self.total_steps = total_steps
         self.quiet = quiet
-        self.console = console if console is not None else Console(stderr=True)
+        self.console = console if console is not None else output_console(stderr=True)
         self._clock = clock
         self.min_redraw_s = min_redraw_s
         self._last_draw = -math.inf
@@ -181,6 +202,7 @@ class ConsoleSink:
         self._first: tuple[int, float] | None = None  # (step, time) of the first write
         self._last_step: int | None = None
         self._shown: dict[str, Any] = {}
+        self._mfu = True  # decided in open(), from the run's device
 
     @property
     def interactive(self) -> bool:
@@ -189,33 +211,52 @@ class ConsoleSink:
 
     def open(self, run_dir: Path, meta: Mapping[str, Any]) -> None:
         self._t_open = self._clock()
+        self._mfu = _mfu_is_judged(meta)
         if self.quiet:
             return
         self.console.print(Text(f"tdiag: monitoring into {run_dir}"), highlight=False)
         if self.interactive:
-            eta = (TextColumn("eta"), TimeRemainingColumn()) if self.total_steps is not None else ()
+            columns: tuple[ProgressColumn | str, ...]
+            if self.total_steps is not None:
+                columns = (
+                    TextColumn("step"),
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    TimeElapsedColumn(),
+                    TextColumn("eta"),
+                    TimeRemainingColumn(),
+                )
+            else:  # no total: a full bar and "30/?" would say nothing; a spinner and the rate
+                columns = (
+                    SpinnerColumn(),
+                    TextColumn("step {task.completed:.0f}"),
+                    TimeElapsedColumn(),
+                    TextColumn("{task.fields[rate]}"),
+                )
             self._progress = _TwoLineProgress(
-                TextColumn("step"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                *eta,
+                *columns,
                 console=self.console,
                 auto_refresh=False,  # no refresh thread: redraw on log steps only
                 get_time=self._clock,
                 # print() from the loop goes above the bar; but a piped stdout stays piped.
                 redirect_stdout=_isatty(sys.stdout),
             )
-            self._task = self._progress.add_task("train", total=self.total_steps)
+            self._task = self._progress.add_task("train", total=self.total_steps, rate="")
             self._progress.start()
 
-    def _eta(self, step: int, now: float) -> str | None:
-        if self.total_steps is None or self._first is None:
+    def _rate(self, step: int, now: float) -> float | None:
+        """Steps/s since the first log step (which skips the warm-up), or None."""
+        if self._first is None:
             return None
         step0, t0 = self._first
         if step <= step0 or now <= t0:
             return None
-        rate = (step - step0) / (now - t0)  # steps/s since the first log step (skips warm-up)
+        return (step - step0) / (now - t0)
+
+    def _eta(self, step: int, now: float) -> str | None:
+        rate = self._rate(step, now)
+        if self.total_steps is None or rate is None:
+            return None
         return _duration(max(0, self.total_steps - step) / rate)
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
@@ -225,18 +266,21 @@ class ConsoleSink:
         if self._first is None:
             self._first = (step, now)
         self._last_step = step
-        fields = format_metrics(metrics) or _other_fields(metrics)
+        fields = format_metrics(metrics, mfu=self._mfu) or _other_fields(metrics)
         progress = self._progress
         if progress is not None and self._task is not None:
             # The line under the bar keeps the latest value of each headline metric, so a
             # validation-only row adds "val …" instead of replacing the training numbers.
             self._shown.update(metrics)
             progress.line = Text(
-                "  " + " | ".join(format_metrics(self._shown) or fields),
+                "  " + " | ".join(format_metrics(self._shown, mfu=self._mfu) or fields),
                 no_wrap=True,  # the live area stays two lines on a narrow terminal
                 overflow="ellipsis",
             )
-            progress.update(self._task, completed=step)
+            rate = self._rate(step, now)
+            progress.update(
+                self._task, completed=step, rate=f"{_rate_text(rate)}" if rate is not None else ""
+            )
             if any(k.startswith("val/") for k in metrics):
                 progress.console.print(Text(f"step {step} | " + " | ".join(fields)))
             elif now - self._last_draw < self.min_redraw_s:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from tdiag.findings import Finding
-from tdiag.history import EVENTS_FILE, HISTORY_FILE, HistoryWriter
+from tdiag.history import EVENTS_FILE, HISTORY_FILE, HistoryWriter, ends_torn
 
 __all__ = ["JsonlSink"]
 
@@ -31,11 +31,16 @@ class JsonlSink:
         clock: wall-clock source for the ``time`` field (tests inject a fixed one).
     """
 
+    # Called on the training thread, never from the background writer: a row is on disk
+    # when write() returns, so a crash loses at most the line in flight (docs/sinks.md).
+    background = False
+
     def __init__(self, *, fsync: bool = False, clock: Callable[[], float] = time.time) -> None:
         self._fsync = fsync
         self._clock = clock
         self._history: HistoryWriter | None = None
         self._events: IO[str] | None = None
+        self._events_lead = ""
         self.run_dir: Path | None = None
 
     def open(self, run_dir: Path, meta: Mapping[str, Any]) -> None:
@@ -54,9 +59,15 @@ class JsonlSink:
         if self.run_dir is None:
             raise RuntimeError("JsonlSink.event() before open()")
         if self._events is None:  # created on the first Finding: no empty file for clean runs
-            self._events = open(self.run_dir / EVENTS_FILE, "a", encoding="utf-8")  # noqa: SIM115
-        self._events.write(json.dumps(finding.to_dict(), allow_nan=False) + "\n")
+            path = self.run_dir / EVENTS_FILE
+            # After a torn last line (a crash, a full disk) the first new line starts on a
+            # line of its own: the fragment costs only itself, as in the history.
+            self._events_lead = "\n" if ends_torn(path) else ""
+            self._events = open(path, "a", encoding="utf-8")  # noqa: SIM115
+        line = json.dumps(finding.to_dict(), allow_nan=False)
+        self._events.write(self._events_lead + line + "\n")  # one write, newline included
         self._events.flush()
+        self._events_lead = ""
 
     def close(self) -> None:
         if self._history is not None:

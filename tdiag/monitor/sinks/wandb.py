@@ -34,6 +34,8 @@ class WandbSink:
             "install tdiag[wandb]"); the Monitor then disables this sink and goes on.
     """
 
+    background = True  # may be called from tdiag's sink writer thread (sinks/background.py)
+
     def __init__(self, **wandb_kwargs: Any) -> None:
         self.wandb_kwargs = wandb_kwargs
         self.run: Any = None

@@ -55,6 +55,20 @@ def _live_alert(events: Any, rule_id: str) -> dict[str, Any] | None:
     return None
 
 
+def _forensics_sentence(fx: Any) -> str:
+    """The replay's answer (live alert's ``evidence.forensics``; docs/checks.md#forensics)."""
+    if not isinstance(fx, dict) or fx.get("cause") is None:
+        return ""
+    if fx["cause"] == "transient":
+        return " Forensics: the replay did not reproduce it (cause: transient)."
+    op = f", op {fx['op']}" if fx.get("op") else ""
+    return (
+        f" Forensics: the replay first goes non-finite at step {fx.get('step')} in the "
+        f"{fx.get('direction')} of {fx.get('module') or 'the loss function'}{op}; "
+        f"cause: {fx['cause']}."
+    )
+
+
 @register_rule("train.nonfinite-loss", title="Loss became NaN/Inf", uses_events=True)
 def nonfinite_loss(df: pd.DataFrame, meta: dict[str, Any], events: Any = ()) -> list[Finding]:
     if LOSS not in df.columns:
@@ -81,9 +95,13 @@ def nonfinite_loss(df: pd.DataFrame, meta: dict[str, Any], events: Any = ()) -> 
         "impact": 1.0,
     }
     where = None
+    forensics = None
     if live:
         evidence["live_alert_step"] = int(live["step"])
         where = live.get("where")
+        forensics = (live.get("evidence") or {}).get("forensics")  # Monitor(forensics=True)
+        if isinstance(forensics, dict):
+            evidence["forensics"] = forensics
     if LR in df.columns:
         evidence["lr_at_first"] = r(value_at(an.metric(df, LR), first))
     return [
@@ -105,6 +123,7 @@ def nonfinite_loss(df: pd.DataFrame, meta: dict[str, Any], events: Any = ()) -> 
                     else "."
                 )
                 + (f" First non-finite module: {where}." if where else "")
+                + _forensics_sentence(forensics)
             ),
             step=first,
             evidence=evidence,
@@ -161,10 +180,52 @@ def train_divergence(df: pd.DataFrame, meta: dict[str, Any]) -> list[Finding]:
     ]
 
 
-@register_rule("train.loss-spikes", title="Loss spikes")
-def train_loss_spikes(df: pd.DataFrame, meta: dict[str, Any]) -> list[Finding]:
-    loss_smoothed(df)  # skips without enough points
-    sp = loss_spikes(df)
+def _live_spikes(events: Any) -> pd.DataFrame:
+    """The Monitor's live ``train.loss-spikes`` (judged on per-step losses, which the logged
+    interval means can hide), one row per episode indexed by its first step, with the
+    columns of :func:`loss_spikes` and ``lo``/``hi``, the log interval that held it."""
+    rows, index = [], []
+    for ev in events or ():
+        d = ev.to_dict() if isinstance(ev, Finding) else ev
+        if not isinstance(d, dict) or d.get("id") != "train.loss-spikes" or d.get("step") is None:
+            continue
+        e = d.get("evidence") or {}
+        try:
+            lo, hi = (int(x) for x in e.get("interval", [d["step"], d["step"]]))
+            row = {
+                "value": float(e["peak_value"]),
+                "baseline": float(e["baseline"]),
+                "sigma": float(e.get("sigma", float("nan"))),
+                "robust_z": float(e.get("robust_z", float("nan"))),
+                "ratio": float(e["ratio"]) if e.get("ratio") is not None else float("nan"),
+                "lo": lo,
+                "hi": hi,
+            }
+        except (KeyError, TypeError, ValueError):  # an event from another version: skip it
+            continue
+        rows.append(row)
+        index.append(int(d["step"]))
+    return pd.DataFrame(rows, index=pd.Index(index, name="step"))
+
+
+@register_rule("train.loss-spikes", title="Loss spikes", uses_events=True)
+def train_loss_spikes(df: pd.DataFrame, meta: dict[str, Any], events: Any = ()) -> list[Finding]:
+    live = _live_spikes(events)
+    try:
+        loss_smoothed(df)  # skips without enough points
+        sp = loss_spikes(df)
+    except SkipRule:
+        if live.empty:
+            raise
+        sp = live.iloc[0:0].drop(columns=["lo", "hi"])
+    if not live.empty:
+        # A logged point inside a live spike's interval is that spike (the live one has the
+        # exact step and the per-step peak): keep the live one.
+        spans = list(zip(live.lo, live.hi, strict=True))
+        kept = sp[[not any(lo <= s <= hi for lo, hi in spans) for s in sp.index]]
+        live_sp = live.drop(columns=["lo", "hi"])
+        sp = (pd.concat([kept, live_sp]) if len(kept) else live_sp).sort_index()
+        sp = sp[~sp.index.duplicated(keep="last")]
     if sp.empty:
         return []
     worst = sp["ratio"].idxmax()
@@ -179,6 +240,7 @@ def train_loss_spikes(df: pd.DataFrame, meta: dict[str, Any]) -> list[Finding]:
         "max_ratio": r(max_ratio),
         "max_robust_z": r(float(sp["robust_z"].max())),
         "impact": clamp01(0.15 * len(sp) + 0.3 * (max_ratio - 1.0)),
+        "live_count": len(live),
     }
     if LR in df.columns:
         evidence["lr_at_worst"] = r(value_at(an.metric(df, LR), int(worst)))
