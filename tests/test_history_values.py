@@ -152,3 +152,26 @@ def test_nan_and_infinities_round_trip_as_strict_json(tmp_path):
     df, stats = read_history(path)
     assert math.isnan(df["a"][0]) and df["b"][0] == math.inf and df["c"][0] == -math.inf
     assert df["d"][0] == 1e-310 and stats.nonfinite_values == 3
+
+
+def test_the_loss_chart_draws_no_nan_mark_where_values_were_dropped(tmp_path):
+    """The chart side of the same rule: a dropped cell is a gap in the loss line, a logged
+    NaN a point (``logged_mask``, shared by the charts and the rules)."""
+    from tdiag.report.charts import build_charts
+    from tdiag.report.summary import logged_mask
+
+    rows = [{"step": s, "train/loss": 3.0 - s / 100, "train/lr": 1e-3} for s in range(1, 41)]
+    for r in rows[9::10]:
+        r["train/loss"] = {"mean": 2.1}
+    rows[4]["train/loss"] = "NaN"
+    path = tmp_path / "history.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    df, _ = read_history(path)
+    logged = logged_mask(df, "train/loss")
+    assert not logged[[9, 19, 29, 39]].any()  # dropped: not logged
+    assert logged[4]  # the logged NaN stays a logged point
+    (loss,) = build_charts(df, only=["loss"])
+    (marks,) = loss.spec["nonfinite"]
+    assert list(marks["steps"]) == [5]  # the logged NaN, and no mark at 10, 20, 30, 40
+    drawn = set(np.asarray(loss.spec["x"]["step"]).tolist())
+    assert {10, 20, 30, 40}.isdisjoint(drawn) and len(drawn) == 35

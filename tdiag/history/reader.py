@@ -34,6 +34,23 @@ _STEP_LIMIT = 2.0**63  # a step must fit an int64
 _SCAN_ERRORS = (StopIteration, ValueError, RecursionError)  # ValueError: JSONDecodeError too
 
 
+def _fast_loads(data: bytearray) -> Any:
+    """The block parsed by orjson (3-4x json's speed on 1M rows), or None to fall back.
+
+    orjson refuses what json accepts differently (bare NaN/Infinity tokens, numbers beyond
+    float range, lone surrogates, invalid UTF-8, very deep nesting): any refusal sends the
+    block to the json path, which judges those cells as before. What orjson accepts, it
+    reads as json does (strict JSON, the last of duplicate keys wins)."""
+    try:
+        import orjson
+    except ImportError:  # a declared dependency, but a reader must not need it
+        return None
+    try:
+        return orjson.loads(bytes(data))
+    except orjson.JSONDecodeError:
+        return None
+
+
 def read_history(
     path: str | os.PathLike[str], *, dedupe_resumed: bool = True
 ) -> tuple[pd.DataFrame, ReadStats]:
@@ -179,10 +196,12 @@ class _Reader:
         joined = bytearray(b"[") + data
         np.frombuffer(joined, dtype=np.uint8)[nl + 1] = 44  # "\n" -> ","
         joined[-1] = 93  # "]"
-        try:
-            objs = self.decoder.decode(joined.decode("utf-8"))
-        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
-            return None
+        objs = _fast_loads(joined)
+        if objs is None:
+            try:
+                objs = self.decoder.decode(joined.decode("utf-8"))
+            except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+                return None
         if len(objs) != len(nl) or set(map(type, objs)) != {dict}:
             return None
         return objs

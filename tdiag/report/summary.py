@@ -76,6 +76,14 @@ def logged_mask(df: pd.DataFrame, name: str) -> np.ndarray:
     logged = ~np.isnan(y)
     if logged.all():
         return logged
+    logged = _siblings_logged(df, name, logged)
+    dropped = df.attrs.get("tdiag_dropped_rows", {}).get(name)  # tdiag.history.DROPPED_ATTR
+    if dropped:  # cells the reader dropped (not numbers in the file): missing, not logged
+        logged &= ~df.index.isin(dropped)
+    return logged
+
+
+def _siblings_logged(df: pd.DataFrame, name: str, logged: np.ndarray) -> np.ndarray:
     family = name.split("/", 1)[0] + "/"
     siblings = [c for c in df.columns if c != name and c.startswith(family)]
     for sibling in siblings:
