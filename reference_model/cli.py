@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -193,6 +194,13 @@ def demo_command(*, out: Path, steps: int | None, device: str, quiet: bool) -> i
     except ValueError as e:
         console.print(f"[red]error:[/] {e}")
         return 2
+    try:
+        moved = _set_aside_previous_run(out)
+    except OSError as e:
+        console.print(f"[red]error:[/] {e}")
+        return 2
+    if moved is not None and not quiet:
+        console.print(f"moved the previous demo run to {moved}", soft_wrap=True)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     mon = attach_monitor(cfg, out, quiet=quiet, watch="layers")
@@ -215,6 +223,26 @@ def demo_command(*, out: Path, steps: int | None, device: str, quiet: bool) -> i
         console.rule()
         console.print(f"run folder: {out}")
     return 0
+
+
+def _is_run_folder(path: Path) -> bool:
+    return path.is_dir() and any((path / f).exists() for f in ("history.jsonl", "meta.json"))
+
+
+def _set_aside_previous_run(out: Path) -> Path | None:
+    """A second `tdiag demo` starts a fresh run folder: the previous run moves to
+    ``OUT.previous`` (the one before it, if any, is replaced), so the report is of this run
+    alone rather than of two runs appended in one history. A folder that is not a run
+    folder is left alone, and never deleted."""
+    if not _is_run_folder(out):
+        return None
+    previous = out.with_name(out.name + ".previous")
+    if previous.exists():
+        if not _is_run_folder(previous):
+            raise OSError(f"{previous} exists and is not a tdiag run folder; move it away")
+        shutil.rmtree(previous)
+    out.rename(previous)
+    return previous
 
 
 def _log_to_stderr() -> None:

@@ -72,11 +72,13 @@ tdiag: monitoring into runs/demo
 step 10/100 | loss 2.2125 | lr 3.00e-04 | gnorm 1.23 | tok/s 12.35k | mfu 41.2% | mem 3.21 GB
 step 20/100 | loss 2.1125 | lr 3.00e-04 | gnorm 1.23 | tok/s 12.35k | mfu 41.2% | mem 3.21 GB | eta 40s
 WARNING step 20 [perf.data_bound] Data loading is slow
+  more: tdiag explain perf.data_bound
 step 30/100 | loss 2.0125 | lr 3.00e-04 | gnorm 1.23 | tok/s 12.35k | mfu 41.2% | mem 3.21 GB | eta 35s
 step 30/100 | val 2.1000 | eta 35s
 ERROR step 30 [train.nonfinite_loss] Loss became NaN at blocks.1.attn
   loss was NaN [bold]at[/bold] step 30
   -> lower the learning rate
+  more: tdiag explain train.nonfinite_loss
 tdiag: done, 30 steps in 16s
 """
 
@@ -107,6 +109,7 @@ def test_quiet_prints_only_error_findings():
         "ERROR step 30 [train.nonfinite_loss] Loss became NaN at blocks.1.attn\n"
         "  loss was NaN [bold]at[/bold] step 30\n"
         "  -> lower the learning rate\n"
+        "  more: tdiag explain train.nonfinite_loss\n"
     )
 
 
@@ -310,3 +313,16 @@ def test_cpu_mfu_against_a_measured_matmul_is_not_shown_live():
         sink.open(Path("r"), meta)
         sink.write(1, row)
         assert ("mfu 98.0%" in buf.getvalue()) is shown, meta
+
+
+def test_a_finding_points_at_tdiag_explain_once_per_id():
+    console, buf = _console(terminal=False)
+    sink = ConsoleSink(console=console, clock=FakeClock())
+    sink.open(Path("r"), {})
+    sink.event(WARNING)
+    sink.event(ERROR)
+    sink.event(WARNING)  # a repeat: the finding again, not the pointer
+    out = buf.getvalue()
+    assert out.count("WARNING step 20 [perf.data_bound]") == 2
+    assert out.count("more: tdiag explain perf.data_bound") == 1
+    assert out.count("more: tdiag explain train.nonfinite_loss") == 1

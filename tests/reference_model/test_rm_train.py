@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import subprocess
@@ -421,6 +422,29 @@ def test_demo_command_writes_the_run_folder(tmp_path: Path, monkeypatch) -> None
     assert (out / "checkpoint.pt").exists()
     assert (out / "history.jsonl").exists()  # written by tdiag's Monitor
     assert demo_command(out=out, steps=0, device="cpu", quiet=True) == 2
+    first = (out / "history.jsonl").read_bytes()
+    assert demo_command(out=out, steps=2, device="cpu", quiet=True) == 0
+    # a second demo starts fresh; the first run is kept beside it, not appended to
+    assert (tmp_path / "demo.previous" / "history.jsonl").read_bytes() == first
+    steps = [json.loads(line)["step"] for line in (out / "history.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and max(steps) == 2
+
+
+def test_demo_leaves_a_folder_that_is_not_a_run_alone(tmp_path: Path) -> None:
+    from reference_model.cli import _set_aside_previous_run
+
+    keep = tmp_path / "mine"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("x")
+    assert _set_aside_previous_run(keep) is None and (keep / "notes.txt").exists()
+    run = tmp_path / "demo"
+    run.mkdir()
+    (run / "meta.json").write_text("{}")
+    (tmp_path / "demo.previous").mkdir()
+    (tmp_path / "demo.previous" / "notes.txt").write_text("x")  # not a run: never deleted
+    with pytest.raises(OSError, match="not a tdiag run folder"):
+        _set_aside_previous_run(run)
+    assert (tmp_path / "demo.previous" / "notes.txt").exists() and (run / "meta.json").exists()
 
 
 def test_reference_model_does_not_import_tdiag() -> None:

@@ -202,6 +202,7 @@ class ConsoleSink:
         self._first: tuple[int, float] | None = None  # (step, time) of the first write
         self._last_step: int | None = None
         self._shown: dict[str, Any] = {}
+        self._explained: set[str] = set()  # Finding ids whose "tdiag explain" line was shown
         self._mfu = True  # decided in open(), from the run's device
 
     @property
@@ -310,6 +311,9 @@ class ConsoleSink:
             text.append(f"\n  {finding.message}")
         if finding.recommendation:
             text.append(f"\n  -> {finding.recommendation}")
+        if finding.id not in self._explained:  # the pointer once per id, not per repeat
+            self._explained.add(finding.id)
+            text.append(f"\n  more: tdiag explain {finding.id}", style="dim")
         console = self._progress.console if self._progress is not None else self.console
         console.print(text, soft_wrap=True, highlight=False)  # a live bar redraws under it
 
