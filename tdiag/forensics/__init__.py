@@ -8,6 +8,8 @@ copy, name the module, direction and op, and tell ``data`` from ``state`` from `
 - ``rng.py`` / ``scratch.py``: random streams saved and restored around a replay; scratch
   copies of the model and optimizer that never touch the live ones.
 - ``finding.py``: a live Finding's evidence and recommendation from a replay.
+- ``layers.py``: per-layer statistics (attention max logit, output log Z, gradient norm) of
+  a spike and the step before it, and which moved first.
 
 The Monitor wires it with ``Monitor(..., forensics=True, loss_fn=...)`` and
 ``mon.step(loss, batch=batch)``; see docs/monitor.md, "Forensics".

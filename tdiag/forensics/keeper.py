@@ -315,6 +315,11 @@ class Keeper:
         self._forward_rng = None
         self._step_lrs = None
 
+    def forget_through(self, step: int) -> None:
+        """Drop the records of steps up to ``step`` (the guard discarded their updates)."""
+        while self._records and self._records[0].step <= step:
+            self._records.popleft()
+
     def clear(self) -> None:
         """Forget the records and the snapshot (keep the host buffers for reuse)."""
         self._records.clear()

@@ -4,7 +4,9 @@ run first goes non-finite, and put the answer into the live Findings.
 The Monitor (``Monitor(..., forensics=True, loss_fn=...)``) calls, in this order:
 ``on_forward`` from its root forward pre-hook (training forwards only), ``on_step`` from
 ``step()`` with the step's batch, ``after_log`` once a log step found the run healthy
-(a snapshot when due), and ``explain`` with the non-finite Findings of a log step. Nothing
+(a snapshot when due), ``explain`` with the non-finite Findings of a log step (or of the
+guard, or of the check at close), and ``recovered`` after the guard skipped or rolled back
+a non-finite step (the keeper goes on: a later episode is replayed too). Nothing
 here raises into the training loop (a failure is logged once; forensics turn themselves
 off) and nothing changes the live model, optimizer or random streams.
 """
@@ -26,6 +28,10 @@ __all__ = ["LiveForensics"]
 
 logger = logging.getLogger(__name__)
 
+#: Non-finite episodes replayed per run, when the guard keeps the run going (skip/rollback)
+#: after each: a replay costs the steps since the snapshot + 4 forward/backward passes.
+MAX_NONFINITE_REPLAYS = 3
+
 
 class LiveForensics:
     """Keeper + one replay per run, for the Monitor.
@@ -41,7 +47,8 @@ class LiveForensics:
     Attributes:
         detach: objects the replay's scratch copy must not copy (set by adapters: the
             Lightning trainer).
-        result: the replay's :class:`ReplayResult`, once one ran.
+        result: the latest replay's :class:`ReplayResult`, once one ran.
+        results: every replay's ``(step it replayed up to, ReplayResult)``, in run order.
     """
 
     def __init__(
@@ -59,6 +66,7 @@ class LiveForensics:
         self.keeper.enabled = loss_fn is not None
         self.detach: Sequence[Any] = ()
         self.result: ReplayResult | None = None
+        self.results: list[tuple[int, ReplayResult]] = []  # (replayed up to step, answer)
         self.replays = 0
         self._failed = False
         self._hook = None
@@ -98,19 +106,66 @@ class LiveForensics:
         if self.keeper.enabled:
             self._guard(lambda: self.keeper.maybe_snapshot(step, self.model, self.optimizer))
 
-    def explain(self, findings: Iterable[Finding], step: int) -> list[Finding]:
-        """Replay (once per run) up to ``step`` and add the answer to ``findings``."""
+    def explain(
+        self, findings: Iterable[Finding], step: int, *, recovering: bool = False
+    ) -> list[Finding]:
+        """Replay up to ``step`` and add the answer to ``findings``.
+
+        One replay per episode: Findings of an episode already replayed (their ``step`` is at
+        or before the step a replay ran to) get that replay's answer. ``recovering``: the
+        guard restores a healthy live state (``on_nonfinite="skip"`` or ``"rollback"``), so
+        the keeper goes on keeping (:meth:`recovered` re-bases it) and a later episode is
+        replayed too (at most :data:`MAX_NONFINITE_REPLAYS` per run); otherwise the live
+        state is poisoned from here and the keeper stops (every later Finding gets this
+        answer)."""
         findings = list(findings)
         if not findings:
             return findings
-        if self.result is None:
-            self.result = self._guard(self._replay_until(step))
-            self.keeper.enabled = False  # the state is poisoned from here: stop keeping
+        episode = min((int(f.step) for f in findings if f.step is not None), default=step)
+        result = self._result_for(episode)
+        if result is None and self.keeper.enabled and self.replays < MAX_NONFINITE_REPLAYS:
+            result = self._guard(self._replay_until(step))
+            if result is not None:
+                self.result = result
+                self.results.append((step, result))
+        elif result is None:
+            result = self.result
+        if not recovering:
+            self.poisoned()
+        if result is None:
+            return findings
+        return [with_forensics(f, result) for f in findings]
+
+    def _result_for(self, episode: int) -> ReplayResult | None:
+        """The answer of the replay that covered step ``episode`` (None: none did)."""
+        start = 0
+        for until, result in self.results:
+            if start < episode <= until:
+                return result
+            start = until
+        return None
+
+    def poisoned(self) -> None:
+        """The live state is non-finite from here (nothing restored it): stop keeping."""
+        if self.keeper.enabled:
+            self.keeper.enabled = False
             self.keeper.clear()
             self.close()
-        if self.result is None:
-            return findings
-        return [with_forensics(f, self.result) for f in findings]
+
+    def recovered(self, step: int) -> None:
+        """The guard skipped step ``step``'s update or rolled the live state back: the live
+        state is healthy and stands for "after step ``step``". Snapshot it as such (unless the
+        guard's rollback just did) and drop the records up to ``step``, whose batches the live
+        run did not train on (a later replay must not re-run them)."""
+
+        def rebase() -> None:
+            snap = self.keeper.latest_snapshot()
+            if snap is None or snap.step != step:
+                self.keeper.maybe_snapshot(step, self.model, self.optimizer, force=True)
+            self.keeper.forget_through(step)
+
+        if self.keeper.enabled:
+            self._guard(rebase)
 
     def _replay_until(self, step: int) -> Callable[[], ReplayResult]:
         def run() -> ReplayResult:

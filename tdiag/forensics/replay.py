@@ -24,6 +24,11 @@ Steps, once a run went bad (NaN/Inf, or a spike for ``kind="spike"``):
    the updates since made it fail; or B is bad too: the state fails whatever the batch),
    with the weights that grew most since the snapshot as evidence.
 
+For a spike (``kind="spike"``), step 2 also records per-layer statistics (attention max
+logit, output log Z, gradient norm: :mod:`tdiag.forensics.layers`) of the step before ``k``
+(on its own state, on the way to ``k``) and of ``k``, and names the first that moved
+(``evidence["layers"]``): two more forward/backward passes.
+
 The replay costs (steps since the snapshot + 4) forward/backward passes and one more copy of
 the model and optimizer state on the device, once per run.
 """
@@ -41,6 +46,7 @@ import torch
 from torch import nn
 
 from tdiag.forensics.keeper import Keeper, StepRecord
+from tdiag.forensics.layers import compare
 from tdiag.forensics.rng import preserved_rng
 from tdiag.forensics.runner import Runner, StepOutcome, loss_of, param_abs_max
 from tdiag.forensics.scratch import scratch_model, scratch_optimizer, unwrap_model
@@ -80,7 +86,9 @@ class ReplayResult:
             ``other_batch_on_prior_state_bad``), ``grown`` (cause state: the weights that grew
             most from the earliest kept snapshot, step ``grown_since_step``, to the state
             before the failing step: ``{name: {"abs_max_then", "abs_max_before", "ratio"}}``),
-            ``snapshot_step``, ``replayed_steps``, ``seconds``.
+            ``snapshot_step``, ``replayed_steps``, ``seconds``; for a spike ``moved`` (max
+            |output| ratio per module) and ``layers`` (:func:`tdiag.forensics.layers.compare`
+            with ``healthy_step``, ``spike_step``, ``healthy_on``).
         kind: "nonfinite" or "spike".
         reason: why there is no answer (no snapshot, batches not kept, loss_fn failed).
     """
@@ -338,12 +346,49 @@ class _Session:
         since, base_max = baseline if baseline is not None else (self.snap.step, self.at_snapshot)
         return since, _grown(base_max, param_abs_max(self.model))
 
+    def layer_stats(self, rec: StepRecord | None) -> dict[str, Any] | None:
+        """Per-layer statistics of ``rec`` on the current state (None: none, or they failed:
+        the rest of the replay goes on without them)."""
+        if rec is None:
+            return None
+        try:
+            return {"step": rec.step, **self.runner.layer_stats(rec)}
+        except Exception as exc:  # a model the probes cannot follow: no table
+            logger.debug("tdiag: per-layer statistics failed", exc_info=exc)
+            return None
+
+    def compare_layers(
+        self, healthy: dict[str, Any] | None, failing: StepRecord
+    ) -> dict[str, Any] | None:
+        """Which layer's statistics moved first at the spike (:mod:`tdiag.forensics.layers`).
+        The healthy side is the step before the spike on its own state; when the spike is the
+        first replayed step, the snapshot step's batch on the same state as the spike's."""
+        same_state = healthy is None
+        if same_state:
+            healthy = self.layer_stats(self.prior)
+        bad = self.layer_stats(failing)
+        if healthy is None or bad is None:
+            return None
+        return {
+            "healthy_step": healthy["step"],
+            "spike_step": bad["step"],
+            "healthy_on": "the spike's state" if same_state else "its own state",
+            **compare(healthy, bad),
+        }
+
     def explain(self, i_bad: int) -> ReplayResult:
         failing = self.records[i_bad]
-        # the state before the failing step, again (the first pass left its update in)
+        # the state before the failing step, again (the first pass left its update in); for a
+        # spike, the step before it is recorded on its own state on the way (as the run had it)
         self.restore()
-        for rec in self.records[:i_bad]:
+        healthy = None
+        for j, rec in enumerate(self.records[:i_bad]):
+            if self.kind == "spike" and j == i_bad - 1:
+                healthy = self.layer_stats(rec)
             self.runner.step(rec, update=True)
+        layers = None
+        if self.kind == "spike":
+            layers = self.compare_layers(healthy, failing)
         since, grown = self.grown()
         other = self.records[i_bad - 1] if i_bad > 0 else self.prior
         other_out, other_rows = self.runner.recorded(other) if other is not None else (None, None)
@@ -353,7 +398,7 @@ class _Session:
             module, moved = _moved_first(rows["forward"], ok_rows)
             where = {"module": module, "direction": "forward", "op": None}
             where["stats"] = {"loss": bad_out.loss}
-            extra: dict[str, Any] = {"moved": moved}
+            extra: dict[str, Any] = {"moved": moved, "layers": layers}
         else:
             where = _locate(bad_out, rows)
             extra = {"module_class": where.pop("module_class", None)}

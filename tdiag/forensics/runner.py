@@ -13,8 +13,10 @@ import torch
 from torch import nn
 
 from tdiag.forensics.keeper import StepRecord
+from tdiag.forensics.layers import LayerProbe
 from tdiag.forensics.rng import restore_rng
 from tdiag.hooks import ActivationRecorder, GradientRecorder
+from tdiag.hooks.attention import AttentionCapture
 from tdiag.hooks.ops import OpTracer
 from tdiag.stats import tensor_stats
 
@@ -170,6 +172,20 @@ class Runner:
             "largest_grads": largest,
         }
         return StepOutcome(value, norm), rows
+
+    def layer_stats(self, rec: StepRecord) -> dict[str, Any]:
+        """The step without an update, with the per-layer statistics recorded (attention max
+        logit, output log Z, gradient norm: :mod:`tdiag.forensics.layers`); host values."""
+        self._zero()
+        probe = LayerProbe(self.model)
+        with _buffers_kept(self.model), torch.enable_grad(), probe:
+            with AttentionCapture(model=self.model) as capture:
+                loss = self._forward(rec)
+            if loss.requires_grad:
+                loss.backward()
+            out = probe.to_host(capture)
+        self._zero()
+        return out
 
 
 def param_abs_max(model: nn.Module) -> dict[str, float]:

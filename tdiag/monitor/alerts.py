@@ -3,7 +3,7 @@
 Finding ids (documented in docs/checks.md, "Live alerts"):
 - ``train.nonfinite-loss``: the loss passed to ``step()`` was NaN/Inf.
 - ``train.nonfinite-grad``: the gradient norm (the loop's, per step; or the Monitor's,
-  measured on log steps) was NaN/Inf.
+  measured on log steps) was NaN/Inf; or, at close, the weights or gradients were.
 Each is raised once per run, at the log step that brings the interval's values to the
 host (or at once with ``strict=True``), with the first offending step.
 """
@@ -126,6 +126,31 @@ def nonfinite_findings(
             )
         )
     return out
+
+
+def close_nonfinite_finding(step: int, where: str | None, *, grads: bool = True) -> Finding:
+    """The live ``train.nonfinite-grad`` of the Monitor's check at close: the weights or
+    gradients are NaN/Inf although no logged step showed it (a gradient that went non-finite
+    at the last step, which was not a log step)."""
+    what = "weights or gradients" if grads else "weights"
+    return Finding(
+        id="train.nonfinite-grad",
+        severity=Severity.ERROR,
+        title="Gradient became non-finite (NaN/Inf)",
+        message=(
+            f"At close, after step {step}, the model's {what} held NaN/Inf although no logged "
+            "step showed it: a gradient went non-finite after the last log step (its update "
+            "reached the weights)." + (f" First non-finite parameter: {where}." if where else "")
+        ),
+        where=where,
+        step=step,
+        evidence={
+            "source": "check at close (weights and gradients)",
+            "first_nonfinite_param": where,
+            "checked_grads": grads,
+        },
+        recommendation=_RECOMMENDATION,
+    )
 
 
 def with_where(finding: Finding, where: str | None) -> Finding:

@@ -111,6 +111,27 @@ def grads_finite(optimizer: Any) -> bool:
     return bool(flag)  # host sync (guard: once per optimizer step)
 
 
+def state_finite(model: Any, *, grads: bool = True) -> bool:
+    """Are all of ``model``'s weights (and, with ``grads``, the gradients it holds) finite?
+    One fused float32 L2 norm per tensor (NaN/Inf survive it; so does a norm beyond float32's
+    range, as the guard and ``train/grad_norm`` judge it) and one host sync: the Monitor's
+    check at close."""
+    tensors = [p.detach() for p in model.parameters() if p.numel() > 0 and not p.is_sparse]
+    if grads:
+        tensors += [
+            p.grad.detach()
+            for p in model.parameters()
+            if p.grad is not None and p.grad.numel() > 0 and not p.grad.is_sparse
+        ]
+    if not tensors:
+        return True
+    with torch.no_grad():
+        norms = torch._foreach_norm(tensors, dtype=torch.float32)
+        dev = norms[0].device
+        flag = torch.stack([n.float().to(dev) for n in norms]).isfinite().all()
+    return bool(flag)  # host sync (once, at close)
+
+
 class Guard:
     """The guard's optimizer hooks and its decisions (the Monitor owns one when asked).
 
@@ -289,6 +310,9 @@ class Guard:
             return
         if keeper.maybe_snapshot(step, self.model, self.optimizer, force=True):
             self._origin[step] = origin
+            # the snapshot step's own record (kept as a healthy batch near the snapshot's
+            # state) is a discarded batch here: drop it too
+            keeper.forget_through(step)
 
     # -- the Monitor's calls ---------------------------------------------------------------
     def take_skipped(self) -> bool:

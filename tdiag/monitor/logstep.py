@@ -19,7 +19,7 @@ from tdiag.monitor import alerts
 from tdiag.monitor.alerts import NonFiniteError
 from tdiag.monitor.cadence import merge_calls, micro_batch_warning
 from tdiag.monitor.distributed import gather_rows, step_time_metrics
-from tdiag.monitor.metrics import DeviceBatch, learning_rates, summarize_interval
+from tdiag.monitor.metrics import DeviceBatch, is_sharded, learning_rates, summarize_interval
 from tdiag.monitor.runinfo import guarded
 from tdiag.monitor.spikes import (
     MAX_LIVE_SPIKES,
@@ -222,21 +222,64 @@ class LogSteps:
         if where is None:
             where = guarded(lambda: alerts.first_nonfinite_param(self.model), "locating NaN")
             findings = [f if f.where else alerts.with_where(f, where) for f in findings]
-        if self.forensics is not None:  # replay the first non-finite step (once per run)
-            findings = self.forensics.explain(findings, self._step)
+        guard = self._guard
+        # the guard may restore a healthy state (a rollback now, or its pre-hook did): then
+        # forensics go on keeping, for a later episode
+        recovering = guard is not None and guard.on_nonfinite in ("skip", "rollback")
+        if self.forensics is not None:  # replay the non-finite step (once per episode)
+            findings = self.forensics.explain(findings, self._step, recovering=recovering)
         for f in findings:
             self._alerted.add(f.id)
             self.findings.append(f)
             self.sinks.event(f)
         self.status = "nonfinite"
-        if self._guard is not None:  # a NaN the guard's pre-hook did not see (e.g. the loss)
-            self._guard.on_alert(findings[0].id, int(findings[0].step or self._step))
+        if guard is not None:  # a NaN the guard's pre-hook did not see (e.g. the loss)
+            event = guard.on_alert(findings[0].id, int(findings[0].step or self._step))
+            if self.forensics is not None and recovering:
+                if event is not None and event.action == "rollback":
+                    self.forensics.recovered(self._step)
+                elif event is not None:  # not restored (no snapshot, or found too late)
+                    self.forensics.poisoned()
             self._note_guard_stop()
         if self._writes_files:
             guarded(
                 lambda: self.recorder.dump(
                     self.run_dir, reason=findings[0].id, step=findings[0].step
                 ),
+                "writing the flight recorder",
+            )
+
+    def _check_at_close(self) -> None:
+        """At close, once: are the weights and gradients finite? A gradient that went NaN/Inf
+        at the last step, when it is not a log step, leaves a finite loss and no measured
+        gradient norm: only the weights (after its update) or the gradients still held show
+        it. One host sync; on a NaN, the live ``train.nonfinite-grad`` and (forensics) the
+        replay, as at a log step. Not after a NaN already raised that nothing repaired (the
+        guard's skip/rollback does), nor on a sharded model (a norm of a sharded tensor is a
+        collective that only this rank would enter)."""
+        from tdiag.monitor.guard import state_finite
+
+        repaired = self._guard is not None and self._guard.on_nonfinite in ("skip", "rollback")
+        raised = {"train.nonfinite-loss", "train.nonfinite-grad"} & self._alerted
+        if self._step == 0 or (raised and not repaired):
+            return
+        if any(is_sharded(p) for p in self.model.parameters()):
+            return
+        # the last step skipped by a GradScaler: inf/NaN in its gradients are the scaler's
+        grads = self._skipped is not True
+        if state_finite(self.model, grads=grads):
+            return
+        where = guarded(lambda: alerts.first_nonfinite_param(self.model), "locating NaN")
+        finding = alerts.close_nonfinite_finding(self._step, where, grads=grads)
+        if self.forensics is not None:
+            finding = self.forensics.explain([finding], self._step)[0]
+        self._alerted.add(finding.id)
+        self.findings.append(finding)
+        self.sinks.event(finding)
+        self.status = "nonfinite"
+        if self._writes_files:
+            guarded(
+                lambda: self.recorder.dump(self.run_dir, reason=finding.id, step=finding.step),
                 "writing the flight recorder",
             )
 
@@ -307,15 +350,23 @@ class LogSteps:
         event = guard.take_pending(self._step)
         if event is not None:
             f = guard_finding(event)
-            if self.forensics is not None:  # replay the step the guard caught (once per run)
-                f = (guarded(lambda: self.forensics.explain([f], self._step), "replaying") or [f])[
-                    0
-                ]
+            # the live state stays healthy after a skip or a rollback: forensics go on keeping
+            recovering = event.action in ("skip", "rollback")
+            if self.forensics is not None:  # replay the step the guard caught (per episode)
+                f = (
+                    guarded(
+                        lambda: self.forensics.explain([f], self._step, recovering=recovering),
+                        "replaying",
+                    )
+                    or [f]
+                )[0]
             self._alerted.add(f.id)
             self.findings.append(f)
             self.sinks.event(f)
             self.status = "nonfinite"
             guard.settle(self._step)  # after the replay: it starts from the old snapshot
+            if self.forensics is not None and recovering:
+                self.forensics.recovered(self._step)
         elif not checked and guard.on_nonfinite is not None and self._skipped is not True:
             flags = [
                 torch.isfinite(v.detach().float()).all().reshape(())

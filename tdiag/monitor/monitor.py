@@ -558,6 +558,8 @@ class Monitor(LogSteps, MicroBatchSteps, CallbackAliases):
             self.end_detail = {"signal": _signal_name(self._signals.signum)}
         elif self.status == "running":
             self.status = "completed"
+        if exc is None and self._signals.signum is None:  # one host sync (logstep.py)
+            guarded(self._check_at_close, "checking the weights at close")
         if self._watcher is not None:
             self._watcher.disarm()
         self._probe.remove()

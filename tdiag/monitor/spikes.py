@@ -234,15 +234,55 @@ def loss_max(losses: Sequence[float | None]) -> float | None:
 
 def spike_forensics(result: Any) -> dict[str, Any]:
     """The replay's answer (:class:`tdiag.forensics.ReplayResult`, ``kind="spike"``) for the
-    spike's evidence: cause, the first module whose max |output| moved (>= 2x the step
-    before), and the modules that moved most."""
+    spike's evidence: cause; ``moved_first``, the first layer and statistic (attention max
+    logit, output log Z, gradient norm) that moved by ``layers.factor`` against the step
+    before (:mod:`tdiag.forensics.layers`), with ``layers.table`` of the ratios; and, from
+    the activations, ``output_moved_first`` (the first module whose max |output| is >= 2x the
+    step before's) and ``moved_most`` (the modules whose max |output| moved most)."""
     ev = result.to_evidence()
     moved = ev.pop("moved", None) or {}
     finite = {k: v for k, v in moved.items() if isinstance(v, int | float)}
     top = sorted(finite, key=lambda k: -finite[k] if finite[k] == finite[k] else 0.0)
     ev["moved_most"] = {k: finite[k] for k in top[:TOP_MOVED]}
-    ev["moved_first"] = result.module
+    ev["output_moved_first"] = result.module
+    layers = ev.get("layers") or {}
+    ev["moved_first"] = layers.get("moved_first")
     return ev
+
+
+#: How a statistic is named in a Finding's message.
+_STAT_WORDS = {
+    "attn_max_logit": "attention max logit",
+    "log_z": "output log Z",
+    "grad_norm": "gradient norm",
+}
+
+
+def _moved_words(forensics: dict[str, Any]) -> str:
+    first = forensics.get("moved_first")
+    if isinstance(first, dict):
+        stat = _STAT_WORDS.get(first.get("statistic"), first.get("statistic"))
+        ratio = first.get("ratio")
+        times = f"{ratio:.3g}x" if isinstance(ratio, float) and math.isfinite(ratio) else "inf"
+        healthy = (forensics.get("layers") or {}).get("healthy_step")
+        return (
+            f"; the first layer statistic to move: the {stat} of {first.get('layer')}, "
+            f"{times} its value at step {healthy}"
+        )
+    if forensics.get("layers"):
+        factor = forensics["layers"].get("factor")
+        return f"; no layer statistic moved {factor:g}x (attention max logit, log Z, grad norm)"
+    out = forensics.get("output_moved_first")
+    return f"; {out} moved first (max |output|)" if out else ""
+
+
+def spike_where(forensics: dict[str, Any]) -> str | None:
+    """The Finding's ``where``: the layer that moved first, else the module whose max
+    |output| did."""
+    first = forensics.get("moved_first")
+    if isinstance(first, dict) and first.get("layer"):
+        return str(first["layer"])
+    return forensics.get("output_moved_first")
 
 
 def _describe(forensics: dict[str, Any]) -> str:
@@ -256,8 +296,7 @@ def _describe(forensics: dict[str, Any]) -> str:
         "state": "the batch does not spike the snapshot's model: the updates since did (cause: "
         "state)",
     }.get(cause, f"cause: {cause}")
-    first = forensics.get("moved_first")
-    where = f"; {first} moved first (max |output|)" if first else ""
+    where = _moved_words(forensics)
     return f" Forensics: the replay reproduces it at step {forensics.get('step')}: {what}{where}."
 
 
@@ -296,7 +335,7 @@ def spike_finding(
             f"{spike.peak_step} against a trailing median of {spike.baseline:.4g}{times}, "
             f"{spike.robust_z:.1f} robust sigmas above it." + told
         ),
-        where=spike.forensics.get("moved_first") if spike.forensics else None,
+        where=spike_where(spike.forensics) if spike.forensics else None,
         step=steps[0],
         evidence=evidence,
         recommendation=(

@@ -114,3 +114,31 @@ def test_forensics_with_layer_watch_and_strict(tmp_path) -> None:
         train(tmp_path / "s", steps=10, batch_kw={"extreme_at": 6}, strict=True, **FORENSICS)
     events = (tmp_path / "s" / "events.jsonl").read_text()
     assert '"cause": "data"' in events and '"module": "gate"' in events
+
+
+# -- the last step, when it is not a log step -------------------------------------------------
+def test_backward_only_nan_at_the_last_step_is_found_at_close(tmp_path) -> None:
+    # step 12 is the last and not a log step (log_every=5): its loss is finite, its gradient
+    # NaN; only the weights after its update show it, at close
+    plain = train(None, steps=12, monitor=False, batch_kw={"zero_row_at": 12})
+    assert first_bad_step(plain) == 12 and plain["losses"][11] == plain["losses"][11]
+    run = train(tmp_path, steps=12, batch_kw={"zero_row_at": 12}, **FORENSICS)
+    mon = run["monitor"]
+    (f,) = [f for f in mon.findings if f.id == "train.nonfinite-grad"]
+    assert f.step == 12 and "At close" in f.message and mon.status == "nonfinite"
+    fx = f.evidence["forensics"]
+    assert (fx["step"], fx["module"], fx["direction"], fx["cause"]) == (
+        12,
+        "gate",
+        "backward",
+        "data",
+    )
+    assert not [f for f in mon.findings if f.id == "train.nonfinite-loss"]
+
+
+def test_the_check_at_close_runs_without_forensics_and_is_quiet_when_healthy(tmp_path) -> None:
+    run = train(tmp_path / "bad", steps=12, batch_kw={"zero_row_at": 12}, log_every=5)
+    (f,) = [f for f in run["monitor"].findings if f.id == "train.nonfinite-grad"]
+    assert f.step == 12 and "forensics" not in f.evidence
+    healthy = train(tmp_path / "ok", steps=12, log_every=5)
+    assert healthy["monitor"].findings == [] and healthy["monitor"].status == "completed"

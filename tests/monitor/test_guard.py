@@ -269,7 +269,8 @@ def test_the_guard_costs_one_host_sync_per_step(tmp_path, monkeypatch):
     model, opt = fresh()
     with Monitor(model, opt, **quiet_options(tmp_path, log_every=100, on_nonfinite="skip")) as mon:
         train(model, opt, 6, mon=mon, bad=())
-    assert len(calls) == 6
+        assert len(calls) == 6
+    assert len(calls) == 7  # and the check of the weights at close
 
 
 # -- forensics: the step the guard caught is replayed ---------------------------------------
@@ -435,7 +436,8 @@ def test_on_spike_alone_adds_no_host_sync_between_log_steps(tmp_path, monkeypatc
         train(model, opt, 8, mon=mon, bad=(), start=2)
         between = list(calls)
     assert between == []
-    assert calls == ["tolist"]  # the final flush at close: the one transfer
+    # at close: the final flush's one transfer, and the check of the weights (one flag)
+    assert calls == ["tolist", "__bool__"]
 
 
 def test_a_rolled_back_step_is_replayed_from_the_snapshot_before_it(tmp_path):
@@ -455,3 +457,80 @@ def test_a_rolled_back_step_is_replayed_from_the_snapshot_before_it(tmp_path):
     assert f.evidence["guard"]["action"] == "rollback"
     assert f.evidence["forensics"]["cause"] == "data", f.evidence["forensics"]
     assert f.evidence["forensics"]["step"] == NAN_STEP and finite(model)
+
+
+# -- forensics go on after a recovered episode ----------------------------------------------
+def _two_episodes(tmp_path, action, snapshot_every, bad=(NAN_STEP, 23), steps=30):
+    model, opt = fresh()
+    opts = quiet_options(
+        tmp_path,
+        log_every=5,
+        on_nonfinite=action,
+        forensics=True,
+        loss_fn=masked_loss,
+        snapshot_every=snapshot_every,
+    )
+    with Monitor(model, opt, **opts) as mon:
+        for step in range(1, steps + 1):
+            ids = batch(step, bad)
+            loss = masked_loss(model, ids)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            mon.step(loss, batch=ids)
+    return model, mon
+
+
+@pytest.mark.parametrize("snapshot_every", [5, 50])
+def test_a_second_nan_episode_is_rolled_back_and_explained_too(tmp_path, snapshot_every):
+    model, mon = _two_episodes(tmp_path, "rollback", snapshot_every)
+    found = by_id(mon.findings, "train.nonfinite-grad")
+    assert [f.step for f in found] == [NAN_STEP, 23]
+    assert [f.evidence["guard"]["action"] for f in found] == ["rollback", "rollback"]
+    for f, k in zip(found, (NAN_STEP, 23), strict=True):
+        fx = f.evidence["forensics"]
+        assert (fx["step"], fx["cause"]) == (k, "data"), fx
+    # the second replay starts after the first episode: a healthy log-step snapshot (20), or
+    # the first rollback's re-snapshot (7) without the discarded batch of step 7
+    second = found[1].evidence["forensics"]
+    assert second["snapshot_step"] == (20 if snapshot_every == 5 else NAN_STEP)
+    assert second["replayed_steps"][0] == second["snapshot_step"] + 1
+    # (restored_step: the snapshot it restores, by its original step: 0, taken at the start)
+    assert found[1].evidence["guard"]["restored_step"] == (20 if snapshot_every == 5 else 0)
+    assert finite(model) and mon.keeper.enabled and mon.forensics.replays == 2
+
+
+def test_a_second_nan_episode_after_a_skip_is_explained_too(tmp_path):
+    model, mon = _two_episodes(tmp_path, "skip", 50)
+    found = by_id(mon.findings, "train.nonfinite-grad")
+    assert [(f.step, f.evidence["guard"]["action"]) for f in found] == [(7, "skip"), (23, "skip")]
+    assert [f.evidence["forensics"]["step"] for f in found] == [NAN_STEP, 23]
+    assert all(f.evidence["forensics"]["cause"] == "data" for f in found)
+    assert found[1].evidence["forensics"]["snapshot_step"] == NAN_STEP  # re-based at the skip
+    assert finite(model) and mon.keeper.enabled
+
+
+def test_one_nan_episode_is_replayed_once(tmp_path):
+    model, mon = _two_episodes(tmp_path, "rollback", 5, bad=(NAN_STEP,))
+    (f,) = by_id(mon.findings, "train.nonfinite-grad")
+    assert f.evidence["forensics"]["step"] == NAN_STEP and mon.forensics.replays == 1
+    # the loss finding of the same episode, at the log step, gets the same answer
+    for g in by_id(mon.findings, "train.nonfinite-loss"):
+        assert g.evidence["forensics"]["step"] == NAN_STEP
+    assert finite(model) and mon.keeper.enabled
+
+
+def test_without_a_guard_the_keeper_stops_after_the_first_nan(tmp_path):
+    _, mon = _two_episodes(tmp_path, None, 5)
+    assert mon.forensics.replays == 1 and not mon.keeper.enabled
+
+
+def test_a_nan_right_after_a_rollback_is_not_blamed_on_the_discarded_batch(tmp_path):
+    # step 8 fails right after the rollback of step 7: its replay starts at the re-snapshot
+    # of step 7, whose own (all-padding, discarded) batch must not serve as the healthy one
+    _, mon = _two_episodes(tmp_path, "rollback", 50, bad=(NAN_STEP, NAN_STEP + 1), steps=12)
+    found = by_id(mon.findings, "train.nonfinite-grad")
+    assert [f.step for f in found] == [NAN_STEP, NAN_STEP + 1]
+    fx = found[1].evidence["forensics"]
+    assert (fx["step"], fx["cause"]) == (NAN_STEP + 1, "data"), fx
+    assert fx["other_step"] is None and fx["replayed_steps"] == [NAN_STEP + 1, NAN_STEP + 1]

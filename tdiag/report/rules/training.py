@@ -208,6 +208,33 @@ def _live_spikes(events: Any) -> pd.DataFrame:
     return pd.DataFrame(rows, index=pd.Index(index, name="step"))
 
 
+def _spike_forensics(events: Any, step: int) -> dict[str, Any] | None:
+    """The replay's answer of the live spike episode holding ``step`` (forensics=True)."""
+    for ev in events or ():
+        d = ev.to_dict() if isinstance(ev, Finding) else ev
+        if not isinstance(d, dict) or d.get("id") != "train.loss-spikes":
+            continue
+        e = d.get("evidence") or {}
+        fx = e.get("forensics")
+        if isinstance(fx, dict) and step in (e.get("steps") or [d.get("step")]):
+            return fx
+    return None
+
+
+def _spike_forensics_sentence(fx: dict[str, Any] | None) -> str:
+    if not fx or fx.get("cause") is None:
+        return ""
+    text = f" Forensics (replay of step {fx.get('step')}): cause {fx['cause']}"
+    first = fx.get("moved_first")
+    if isinstance(first, dict):
+        names = {"attn_max_logit": "attention max logit", "log_z": "output log Z"}
+        stat = names.get(first.get("statistic"), "gradient norm")
+        ratio = first.get("ratio")
+        times = f" ({ratio:.3g}x)" if isinstance(ratio, int | float) and ratio < 1e300 else ""
+        text += f"; the first layer statistic to move: the {stat} of {first.get('layer')}{times}"
+    return text + "."
+
+
 @register_rule("train.loss-spikes", title="Loss spikes", uses_events=True)
 def train_loss_spikes(df: pd.DataFrame, meta: dict[str, Any], events: Any = ()) -> list[Finding]:
     live = _live_spikes(events)
@@ -244,6 +271,9 @@ def train_loss_spikes(df: pd.DataFrame, meta: dict[str, Any], events: Any = ()) 
     }
     if LR in df.columns:
         evidence["lr_at_worst"] = r(value_at(an.metric(df, LR), int(worst)))
+    fx = _spike_forensics(events, int(worst))  # Monitor(forensics=True)
+    if fx is not None:
+        evidence["forensics"] = fx
     return [
         Finding(
             id="train.loss-spikes",
@@ -253,6 +283,7 @@ def train_loss_spikes(df: pd.DataFrame, meta: dict[str, Any], events: Any = ()) 
                 f"The loss jumped above its recent median {len(sp)} time(s); the worst, at step "
                 f"{int(worst)}, reached {sp.loc[worst, 'value']:.4g} against a median of "
                 f"{sp.loc[worst, 'baseline']:.4g} ({max_ratio:.2f}x)."
+                + _spike_forensics_sentence(fx)
             ),
             step=int(worst),
             evidence=evidence,
