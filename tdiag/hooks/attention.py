@@ -11,10 +11,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
-from torch.utils.hooks import RemovableHandle
 
-from tdiag.hooks.common import _HOOK_ERRORS, _one_line
+from tdiag.hooks.common import _HOOK_ERRORS, ModuleStackMode, _one_line
 
 __all__ = [
     "ATTN_CHUNK_SCORES",
@@ -132,7 +130,7 @@ def _causal_variant(mask: Any) -> str | None:
 _SOFTMAX_FUNCS = (F.softmax, torch.softmax, torch.Tensor.softmax)
 
 
-class AttentionCapture(TorchFunctionMode):
+class AttentionCapture(ModuleStackMode):
     """Sees every attention computation inside the ``with`` block, whatever the model.
 
     Intercepts ``F.scaled_dot_product_attention`` (recomputes the probabilities from q, k, the
@@ -164,41 +162,10 @@ class AttentionCapture(TorchFunctionMode):
     """
 
     def __init__(self, keep_probs: bool = False, *, model: nn.Module | None = None) -> None:
-        super().__init__()
+        super().__init__(model)
         self.keep_probs = keep_probs
-        self.model = model
         self.calls: list[AttentionCall] = []
         self.errors = 0
-        self._stack: list[str] = []
-        self._handles: list[RemovableHandle] = []
-
-    # -- module-name tracking ---------------------------------------------------------------
-    def __enter__(self) -> AttentionCapture:
-        if self.model is not None:
-            for name, module in self.model.named_modules():
-                self._handles.append(module.register_forward_pre_hook(self._push(name)))
-                self._handles.append(module.register_forward_hook(self._pop(name)))
-        return super().__enter__()
-
-    def __exit__(self, *exc: object) -> None:
-        super().__exit__(*exc)
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        self._stack.clear()
-
-    def _push(self, name: str) -> Callable[..., None]:
-        def pre(mod: nn.Module, args: tuple) -> None:
-            self._stack.append(name)
-
-        return pre
-
-    def _pop(self, name: str) -> Callable[..., None]:
-        def post(mod: nn.Module, args: tuple, out: Any) -> None:
-            if self._stack and self._stack[-1] == name:
-                self._stack.pop()
-
-        return post
 
     # -- interception ----------------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):

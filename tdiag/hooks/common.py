@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 __all__ = ["ModuleFilter", "first_float_tensor"]
@@ -95,3 +96,44 @@ class _HookOwner:
 
     def __exit__(self, *exc: object) -> None:
         self.detach()
+
+
+class ModuleStackMode(TorchFunctionMode):
+    """A TorchFunctionMode that knows which module a call comes from: forward pre/post
+    hooks on every module of ``model`` keep a stack of module names while the mode is on
+    (``self._stack[-1]`` is the innermost). ``skip_root`` leaves the root module ("") out."""
+
+    def __init__(self, model: nn.Module | None = None, *, skip_root: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self._skip_root = skip_root
+        self._stack: list[str] = []
+        self._handles: list[RemovableHandle] = []
+
+    def __enter__(self) -> Any:
+        if self.model is not None:
+            for name, module in self.model.named_modules():
+                if name or not self._skip_root:
+                    self._handles.append(module.register_forward_pre_hook(self._push(name)))
+                    self._handles.append(module.register_forward_hook(self._pop(name)))
+        return super().__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        super().__exit__(*exc)
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._stack.clear()
+
+    def _push(self, name: str) -> Callable[..., None]:
+        def pre(mod: nn.Module, args: tuple) -> None:
+            self._stack.append(name)
+
+        return pre
+
+    def _pop(self, name: str) -> Callable[..., None]:
+        def post(mod: nn.Module, args: tuple, out: Any) -> None:
+            if self._stack and self._stack[-1] == name:
+                self._stack.pop()
+
+        return post

@@ -20,10 +20,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
-from torch.utils.hooks import RemovableHandle
 
-from tdiag.hooks.common import _HOOK_ERRORS, _one_line, logger
+from tdiag.hooks.common import _HOOK_ERRORS, ModuleStackMode, _one_line, logger
 from tdiag.stats import STAT_NAMES, tensor_stats
 
 __all__ = ["BackwardRecord", "OpRecord", "OpTracer"]
@@ -104,7 +102,7 @@ def _op_name(func: Any) -> str:
     return str(getattr(func, "__name__", func)).strip("_") or str(func)
 
 
-class OpTracer(TorchFunctionMode):
+class OpTracer(ModuleStackMode):
     """Record every op of the forward run inside the ``with`` block (and, ``backward=True``,
     its backward node).
 
@@ -121,44 +119,12 @@ class OpTracer(TorchFunctionMode):
     """
 
     def __init__(self, model: nn.Module | None = None, *, backward: bool = True) -> None:
-        super().__init__()
-        self.model = model
+        super().__init__(model, skip_root=True)
         self.backward = backward
         self.records: list[OpRecord] = []
         self.backward_records: list[BackwardRecord] = []
         self.errors = 0
-        self._stack: list[str] = []
-        self._handles: list[RemovableHandle] = []
         self._nodes: set[int] = set()
-
-    # -- module-name tracking ---------------------------------------------------------------
-    def __enter__(self) -> OpTracer:
-        if self.model is not None:
-            for name, module in self.model.named_modules():
-                if name:
-                    self._handles.append(module.register_forward_pre_hook(self._push(name)))
-                    self._handles.append(module.register_forward_hook(self._pop(name)))
-        return super().__enter__()
-
-    def __exit__(self, *exc: object) -> None:
-        super().__exit__(*exc)
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        self._stack.clear()
-
-    def _push(self, name: str) -> Callable[..., None]:
-        def pre(mod: nn.Module, args: tuple) -> None:
-            self._stack.append(name)
-
-        return pre
-
-    def _pop(self, name: str) -> Callable[..., None]:
-        def post(mod: nn.Module, args: tuple, out: Any) -> None:
-            if self._stack and self._stack[-1] == name:
-                self._stack.pop()
-
-        return post
 
     # -- interception ----------------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):
