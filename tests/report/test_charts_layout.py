@@ -182,3 +182,24 @@ def test_every_chart_starts_on_the_runs_steps():
     for c in charts:
         assert c.spec["xrange"] == [1.0, 300.0], c.key
     assert build_charts(df.iloc[:1], only=["loss"])[0].spec["xrange"] is None  # one step
+
+
+def test_cpu_mfu_is_labelled_vs_the_measured_matmul_peak_not_mfu():
+    """On a CPU (no datasheet peak, meta.json perf.peak_source "measured: …") the ratio is
+    not an MFU: the chart says so, like the headline card; with a datasheet peak it is MFU."""
+    import numpy as np
+    import pandas as pd
+
+    from tdiag.report.charts import build_charts
+
+    steps = np.arange(1, 51)
+    df = pd.DataFrame(
+        {"step": steps, "perf/tokens_per_sec": 1e4 + steps, "perf/mfu": 0.3 + 0 * steps}
+    )
+    cpu = {"perf": {"peak_source": "measured: fp32 1024x1024 matmul, best of 7, 1 thread(s)"}}
+    gpu = {"perf": {"peak_source": "datasheet: NVIDIA H100 bf16"}}
+    (c_cpu,) = build_charts(df, cpu, only=["throughput"])
+    (c_gpu,) = build_charts(df, gpu, only=["throughput"])
+    labels = lambda c: [s["label"] for s in c.spec["series"]]  # noqa: E731
+    assert "MFU" not in c_cpu.title and "vs measured matmul peak" in labels(c_cpu)
+    assert c_gpu.title == "Throughput and MFU" and "MFU" in labels(c_gpu)

@@ -203,6 +203,13 @@ def _thresholds(ctx: _Context, key: str, main: Sequence[str]) -> tuple[list, str
     return [], ""
 
 
+def measured_peak(meta: Mapping[str, Any] | None) -> bool:
+    """True when perf/mfu's peak was measured on the machine (no datasheet peak: a CPU),
+    so the ratio is not an MFU (meta.json ``perf.peak_source``)."""
+    source = ((meta or {}).get("perf") or {}).get("peak_source")
+    return isinstance(source, str) and source.startswith("measured")
+
+
 def _simple_chart(ctx: _Context, key: str) -> Chart | None:
     main_names, lower_names = SIMPLE[key]
     main = [(n, y) for n in main_names if (y := _column(ctx.df, n)) is not None]
@@ -210,16 +217,25 @@ def _simple_chart(ctx: _Context, key: str) -> Chart | None:
     if not main and not lower:
         return None
     _, ylabel, lower_label = SIMPLE_TITLES[key]
+    measured = key == "throughput" and measured_peak(ctx.meta)
+    if measured:  # no datasheet peak (a CPU): the ratio is to the machine's own best matmul
+        lower_label = "vs matmul peak"
     if not main:  # only the lower panel's metric: draw it as the main one
         main, lower, ylabel = lower, [], lower_label
     names = [n for n, _ in (*main, *lower)]
     hlines, extra = _thresholds(ctx, key, [n for n, _ in main])
     bad = {"train/grad_norm": "non-finite grad norm"}
     series = [Series(LABELS.get(n, n), *y, nonfinite_label=bad.get(n)) for n, y in main]
-    series += [Series(LABELS.get(n, n), *y, panel=1) for n, y in lower]
+    lower_series = {"perf/mfu": "vs measured matmul peak"} if measured else {}
+    series += [Series(lower_series.get(n, LABELS.get(n, n)), *y, panel=1) for n, y in lower]
     wide = key in ("grad-norm", "update-ratio") and _wide_range([y for _, (_, y) in main])
+    title = (
+        "Throughput (and vs matmul peak)"
+        if measured and "perf/mfu" in names
+        else _title(key, names)
+    )
     return line_chart(
-        key, _title(key, names), series, ylabel=ylabel, lower_label=lower_label, logy=wide,
+        key, title, series, ylabel=ylabel, lower_label=lower_label, logy=wide,
         from_zero=key in FROM_ZERO, hlines=hlines, marks=ctx.marks.get(key, []),
         note=ctx.note + extra, metrics=names, **ctx.common,
     )  # fmt: skip
