@@ -332,7 +332,8 @@ def headline_cards(summary: Mapping[str, Any]) -> list[dict[str, str]]:
         {"label": "Best val loss", "value": format_number(s.get("best_val_loss")), "sub": at(s.get("best_val_loss_step"))},
         {"label": "Tokens / s", "value": _big(s.get("mean_tokens_per_sec")), "sub": f"mean; peak {_big(s.get('peak_tokens_per_sec'))}"},
         _mfu_card(s),
-        {"label": "Peak GPU memory", "value": _gb(s.get("peak_gpu_mem_gb")), "sub": ""},
+        # no card for GPU memory a run never had (a CPU run): a "–" reads as "not measured"
+        *([{"label": "Peak GPU memory", "value": _gb(s["peak_gpu_mem_gb"]), "sub": ""}] if s.get("peak_gpu_mem_gb") is not None else []),
         {"label": "Peak process RSS", "value": _gb(s.get("peak_rss_gb")), "sub": ""},
         *_nonfinite_card(s),
     ]  # fmt: skip

@@ -78,3 +78,13 @@ def test_logged_nan_is_data_in_the_summary_not_a_history_problem(tmp_path) -> No
     assert "NaN/Inf logged" in html
     # the finding's docs link is a source-tree path: the page also says what resolves anywhere
     assert "<code>tdiag explain train.nonfinite-loss</code>" in html
+
+
+def test_a_run_without_gpu_memory_has_no_gpu_memory_card():
+    from tdiag.report.summary import headline_cards
+
+    base = {"steps": 10, "peak_rss_gb": 0.5}
+    labels = [c["label"] for c in headline_cards({**base, "peak_gpu_mem_gb": None})]
+    assert "Peak GPU memory" not in labels and "Peak process RSS" in labels
+    cards = headline_cards({**base, "peak_gpu_mem_gb": 12.0})
+    assert any(c["label"] == "Peak GPU memory" and "12" in c["value"] for c in cards)
