@@ -127,16 +127,21 @@ class LayerWatcher:
         model: the model (its root module's forward is the one watched).
         attention: capture attention statistics.
         logits: take ``logits/*`` from the root module's output (when it is ``(..., V)`` logits).
+        site: the Monitor's ForwardSite: the child forwards a loop calls directly count too.
     """
 
-    def __init__(self, model: nn.Module, *, attention: bool = True, logits: bool = True) -> None:
+    def __init__(
+        self, model: nn.Module, *, attention: bool = True, logits: bool = True, site: Any = None
+    ) -> None:
         self.model = model
+        self.site = site  # a ForwardSite: also the child forwards a loop calls directly
         self.attention = attention
         self.logits = logits
         self.armed = False
         self._acts = RmsRecorder(model)
         self._capture: AttentionCapture | None = None
         self._capture_active = False
+        self._kept_calls: list[Any] = []
         self._handles: list[Any] = []
         self._logit_stats: torch.Tensor | None = None
 
@@ -152,11 +157,16 @@ class LayerWatcher:
             self.model.register_forward_pre_hook(self._pre),
             self.model.register_forward_hook(self._post),
         ]
+        if self.site is not None:
+            self._handles.append(self.site.listen(self._pre, self._post))
         self.armed = True
 
     def _pre(self, module: nn.Module, args: Any) -> None:
         if self._capture is not None and not self._capture_active:
-            self._capture.clear()  # the last forward of the step wins
+            # The last forward of the step that ran attention wins (a loss module called
+            # after the network, ForwardSite's child forwards, keeps the network's).
+            self._kept_calls = list(self._capture.calls)
+            self._capture.clear()
             self._capture.__enter__()
             self._capture_active = True
 
@@ -179,6 +189,9 @@ class LayerWatcher:
         if self._capture is not None and self._capture_active:
             self._capture_active = False
             self._capture.__exit__(None, None, None)
+            if not self._capture.calls:
+                self._capture.calls.extend(self._kept_calls)
+            self._kept_calls = []
 
     def disarm(self) -> None:
         """Remove every hook and leave any capture mode (safe after a failed forward)."""

@@ -28,6 +28,7 @@ from tdiag.monitor.cadence import PROBATION_CALLS, StepCadence, merge_calls
 from tdiag.monitor.callbacks import CallbackAliases
 from tdiag.monitor.config import MonitorConfig, build_sinks, infer_clip
 from tdiag.monitor.distributed import rank_info
+from tdiag.monitor.forwardsite import ForwardSite
 from tdiag.monitor.guard import Guard, TrainingStopped
 from tdiag.monitor.logstep import LogSteps, MicroBatchSteps
 from tdiag.monitor.loopchecks import LoopWatch
@@ -172,8 +173,12 @@ class Monitor(LogSteps, MicroBatchSteps, CallbackAliases):
 
             self._guard_keeper = Keeper(snapshot_every=self.options.snapshot_every)
         self._batch: Any = None
+        # The model's forward: the root's, or the children the loop calls (forwardsite.py)
+        self._site = ForwardSite(model, self._on_forward)
         # Per-rank forward time (straggler naming) is needed under torchrun only.
-        self._timer = ForwardTimer(model, self.device) if self.rank.distributed else None
+        self._timer = (
+            ForwardTimer(model, self.device, site=self._site) if self.rank.distributed else None
+        )
         # Optimizer steps counted by a post-hook (a Python int, no device op): a step() that
         # saw none was skipped, e.g. by torch.amp.GradScaler after inf/NaN gradients.
         self._opt_steps = 0
@@ -187,7 +192,7 @@ class Monitor(LogSteps, MicroBatchSteps, CallbackAliases):
         if layers:
             from tdiag.monitor.layers import LayerWatcher
 
-            self._watcher = LayerWatcher(model)
+            self._watcher = LayerWatcher(model, site=self._site)
         self._signals = SignalFlag()
         self._signal_step: int | None = None
         self._mfu = alerts.MfuMeter(self)
@@ -205,7 +210,6 @@ class Monitor(LogSteps, MicroBatchSteps, CallbackAliases):
             sharded=any(is_sharded(p) for p in model.parameters()),
         )
         self._loop.fingerprint_next = True  # step 1's input, for step 2's comparison
-        self._root_hook = model.register_forward_pre_hook(self._on_forward, with_kwargs=True)
         self.sinks = MultiSink(
             build_sinks(self.options, sinks, files=self._writes_files)
             if self.rank.is_main
@@ -352,6 +356,7 @@ class Monitor(LogSteps, MicroBatchSteps, CallbackAliases):
             self._warn_closed("step")
             return
         now = time.perf_counter()
+        self._site.end_step()
         stepped = None if self._opt_hook is None else self._opt_steps != self._opt_steps_seen
         verdict = self._cadence.observe(stepped)
         if verdict == "regroup" and not self._micro_confirmed():
@@ -573,7 +578,7 @@ class Monitor(LogSteps, MicroBatchSteps, CallbackAliases):
                 )[:500]
         if self._timer is not None:
             self._timer.remove()
-        self._root_hook.remove()
+        self._site.remove()
         if self._opt_hook is not None:
             self._opt_hook.remove()
         if self._sampler is not None:

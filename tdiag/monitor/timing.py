@@ -35,7 +35,9 @@ class ForwardTimer:
     micro-batches. The hooks exist while armed only (from :meth:`arm` to :meth:`seconds` /
     :meth:`remove`): between log steps the model carries none."""
 
-    def __init__(self, model: nn.Module, device: torch.device | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, device: torch.device | None = None, *, site: Any = None
+    ) -> None:
         self.armed = False
         self._cuda = device is not None and device.type == "cuda"
         self._t0: float | None = None
@@ -43,6 +45,7 @@ class ForwardTimer:
         self._events: list[tuple[Any, Any]] = []
         self._start: Any = None
         self._module = inner_module(model)
+        self._site = site  # a ForwardSite: also the child forwards a loop calls directly
         self._handles: list[Any] = []
 
     def arm(self) -> None:
@@ -52,6 +55,8 @@ class ForwardTimer:
                 self._module.register_forward_pre_hook(self._pre),
                 self._module.register_forward_hook(self._post),
             ]
+            if self._site is not None:
+                self._handles.append(self._site.listen(self._pre, self._post))
 
     def disarm(self) -> None:
         self.armed = False

@@ -110,3 +110,32 @@ def test_no_host_sync_between_log_steps_with_a_grad_scaler(tmp_path, tiny_gpt, s
             assert calls == [], (step, calls)
     assert mon.findings == []
     assert mon.last_metrics["train/skipped_steps"] == 0.0
+
+
+@pytest.mark.parametrize("watch", [None, "layers"])
+def test_no_host_sync_between_log_steps_when_the_loop_calls_a_child(
+    tmp_path, tiny_gpt, sync_counter, watch
+):
+    """A wrapper given to the Monitor, its child called by the loop (forwardsite.py)."""
+    from torch import nn
+
+    wrapper = nn.Module()
+    wrapper.net = tiny_gpt
+    log_every = 4
+    per_step: dict[int, list[str]] = {}
+    seen = [0]
+
+    def on_step(step, model):
+        per_step[step] = sync_counter[seen[0] :]
+        seen[0] = len(sync_counter)
+
+    opt = torch.optim.AdamW(tiny_gpt.parameters(), lr=1e-3)
+    with Monitor(wrapper, opt, **quiet_options(tmp_path, log_every=log_every, watch=watch)) as mon:
+        train_loop(tiny_gpt, mon, 9, opt=opt, on_step=on_step)
+    assert mon._site.mode == "children"
+    for step, calls in per_step.items():
+        if step == 1 or step % log_every == 0:
+            assert len(calls) == 1 and calls[0].startswith("tolist"), (step, calls)
+        else:
+            assert calls == [], (step, calls)
+    assert "perf/data_time" in mon.last_metrics
