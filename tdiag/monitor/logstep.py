@@ -84,15 +84,13 @@ class LogSteps:
         self.sinks.write(self._step, metrics)
         self.last_metrics = metrics
         where = self._watcher.first_nonfinite_module(host, layout) if layout else None
-        self._check_nonfinite(summary, metrics, first_step, where)
+        nonfinite = self._check_nonfinite(summary, metrics, first_step, where)
         spiked = False
         if self._spikes is not None:
             spiked = bool(
                 guarded(lambda: self._check_spikes(summary, first_step), "detecting loss spikes")
             )
-        healthy = not spiked and not alerts.nonfinite_findings(
-            summary, metrics, first_step, 0, None
-        )
+        healthy = not spiked and not nonfinite
         if self.forensics is not None and healthy:  # a snapshot when due (tdiag/forensics)
             self.forensics.after_log(self._step)
         if self._guard_keeper is not None and healthy:
@@ -214,11 +212,13 @@ class LogSteps:
     # -- live detection --------------------------------------------------------------------
     def _check_nonfinite(
         self, summary: Any, metrics: Mapping[str, float], first: int, where: str | None
-    ) -> None:
-        findings = alerts.nonfinite_findings(summary, metrics, first, self._step, where)
-        findings = [f for f in findings if f.id not in self._alerted]
+    ) -> bool:
+        """Raise the live NaN/Inf Findings of this interval (new ids only). Returns whether
+        the interval had a non-finite loss or gradient norm at all (raised before or now)."""
+        found = alerts.nonfinite_findings(summary, metrics, first, self._step, where)
+        findings = [f for f in found if f.id not in self._alerted]
         if not findings:
-            return
+            return bool(found)
         if where is None:
             where = guarded(lambda: alerts.first_nonfinite_param(self.model), "locating NaN")
             findings = [f if f.where else alerts.with_where(f, where) for f in findings]
@@ -248,6 +248,7 @@ class LogSteps:
                 ),
                 "writing the flight recorder",
             )
+        return True
 
     def _check_at_close(self) -> None:
         """At close, once: are the weights and gradients finite? A gradient that went NaN/Inf

@@ -521,11 +521,8 @@ class Monitor(LogSteps, MicroBatchSteps, CallbackAliases):
     def _snapshot_keeper(self) -> Any:
         """The keeper whose snapshots a rollback restores: forensics' when it keeps one,
         else the guard's own (snapshots only)."""
-        for name in ("keeper", "_keeper", "_forensics_keeper"):
-            keeper = getattr(self, name, None)
-            if keeper is not None and hasattr(keeper, "latest_snapshot"):
-                return keeper
-        return self._guard_keeper
+        keeper = getattr(self, "keeper", None)  # set after the guard is made
+        return keeper if keeper is not None else self._guard_keeper
 
     @property
     def perf_info(self) -> dict[str, Any]:
